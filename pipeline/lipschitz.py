@@ -1,0 +1,219 @@
+"""Lipschitz-controlled convolution (method.md §2; Shi et al., IJCV 2022, Sec. 4.1).
+
+The layer keeps a free weight W̄ and convolves with
+
+    W = W̄ / max(1, σ(W̄) / λ),    σ(W̄) = ‖W̄ reshaped to (C_out, C_in·k·k)‖₂,
+
+so the reshaped matrix of the weight actually used has spectral norm ≤ λ. σ is computed on
+detached data and enters back-propagation as a constant (reference behaviour). λ ≤ 0 turns the
+control off and the layer is a plain convolution (the DIP baseline).
+
+The reference computes σ with a full SVD at every forward. Here σ² is the largest eigenvalue of
+the small Gram matrix G = M Mᵀ (or MᵀM, whichever is smaller) of the reshaped weight M, found by a
+warm-started power iteration and then *certified*: ρ = uᵀGu is always a lower bound of λ_max(G)
+for a unit u, and a successful Cholesky factorisation of τI − G with τ = ρ(1 + 2·rtol) proves
+λ_max(G) ≤ τ (no eigen-gap assumption). Both bounds together put σ = √ρ within rtol (relative) of
+the exact value. When the certificate fails (cold start, or the top eigenvalues cross between two
+optimiser steps), σ² and u are taken from ``torch.linalg.eigh`` of G. After a successful
+certificate one shift-invert step with the Cholesky factor sharpens u for the next call.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch._functorch.autograd_function import VmapInfo
+
+from pipeline.errors import UserError
+
+PADDINGS = ("reflection", "zeros")
+DEFAULT_RTOL = 2e-5
+DEFAULT_POWER_STEPS = 2
+
+
+def _certified_top_eigenpair(G: Tensor, u: Tensor, steps: int, rtol: float) -> tuple[Tensor, Tensor]:
+    """Largest eigenvalue of symmetric PSD ``G`` (…, n, n) to ``rtol``·2 relative, warm-started at ``u``.
+
+    Returns ``(rho, u_new)`` with ρ a Rayleigh quotient certified by Cholesky (see module
+    docstring), or the ``eigh`` value where the certificate failed. Leading dimensions batch.
+    """
+    for _ in range(steps):
+        u = F.normalize((G @ u.unsqueeze(-1)).squeeze(-1), dim=-1)
+    rho = (u * (G @ u.unsqueeze(-1)).squeeze(-1)).sum(-1)
+    eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
+    factor, info = torch.linalg.cholesky_ex((rho * (1.0 + 2.0 * rtol))[..., None, None] * eye - G)
+    ok = info == 0
+    # Shift-invert with the certified upper bound τ as shift: (τI − G)⁻¹ multiplies the top
+    # eigenvector by 1/(τ − λ₁) ≥ 1/(2·rtol·ρ), so the warm start for the next call is nearly exact.
+    sharpened = F.normalize(torch.cholesky_solve(u.unsqueeze(-1), factor).squeeze(-1), dim=-1)
+    keep = ok & torch.isfinite(sharpened).all(-1)
+    u = torch.where(keep[..., None], sharpened, u)
+    # The one data-dependent branch; under torch.func.vmap the custom op below runs this function
+    # on the whole batch at once, so it never sees a batched tensor.
+    if not bool(ok.all()):
+        evals, evecs = torch.linalg.eigh(G)
+        rho = torch.where(ok, rho, evals[..., -1])
+        u = torch.where(ok[..., None], u, evecs[..., -1])
+    return rho.clamp(min=0.0), u
+
+
+def _gram(matrix: Tensor) -> Tensor:
+    """The smaller of M Mᵀ and Mᵀ M for M (…, m, n), in float64 for the certificate."""
+    m, n = matrix.shape[-2:]
+    G = matrix @ matrix.mT if m <= n else matrix.mT @ matrix
+    return G.to(torch.float64)
+
+
+def _sigma_impl(matrix: Tensor, u: Tensor, steps: int, rtol: float) -> tuple[Tensor, Tensor]:
+    rho, u_new = _certified_top_eigenpair(_gram(matrix), u.to(torch.float64), steps, rtol)
+    return rho.sqrt(), u_new
+
+
+@torch.library.custom_op("spectral_dip::certified_sigma", mutates_args=())
+def certified_sigma(matrix: Tensor, u: Tensor, steps: int, rtol: float) -> tuple[Tensor, Tensor]:
+    """Largest singular value of ``matrix`` (…, m, n) certified to ``rtol`` relative.
+
+    ``u`` (…, min(m, n)) is the warm start; returns ``(sigma (…), u_new)`` in float64. Not
+    differentiable: callers pass detached weights (σ is a constant in back-propagation, §2).
+    """
+    return _sigma_impl(matrix, u, steps, rtol)
+
+
+@certified_sigma.register_fake
+def _(matrix: Tensor, u: Tensor, steps: int, rtol: float) -> tuple[Tensor, Tensor]:
+    return (
+        matrix.new_empty(matrix.shape[:-2], dtype=torch.float64),
+        u.new_empty(u.shape, dtype=torch.float64),
+    )
+
+
+def _certified_sigma_vmap(
+    info: VmapInfo,
+    in_dims: tuple[int | None, int | None, None, None],
+    matrix: Tensor,
+    u: Tensor,
+    steps: int,
+    rtol: float,
+) -> tuple[tuple[Tensor, Tensor], tuple[int, int]]:
+    """Batch rule: the implementation already accepts leading batch dimensions."""
+    matrix_dim, u_dim = in_dims
+    matrix = (
+        matrix.movedim(matrix_dim, 0)
+        if matrix_dim is not None
+        else matrix.expand(info.batch_size, *matrix.shape)
+    )
+    u = u.movedim(u_dim, 0) if u_dim is not None else u.expand(info.batch_size, *u.shape)
+    return _sigma_impl(matrix, u, steps, rtol), (0, 0)
+
+
+torch.library.register_vmap(certified_sigma, _certified_sigma_vmap)
+
+
+class LipschitzConv2d(nn.Module):
+    """Convolution whose reshaped weight has spectral norm ≤ λ (method.md §2).
+
+    Output size equals input size: the input is padded by (k − 1)//2 on each side (reflection by
+    default, ``padding="zeros"`` for zero padding) and then convolved without padding.
+
+    :param in_channels: C_in.
+    :param out_channels: C_out.
+    :param kernel_size: k, odd.
+    :param lam: λ, the bound on the spectral norm; λ ≤ 0 gives a plain convolution and computes
+        no norm at all.
+    :param padding: ``"reflection"`` or ``"zeros"``.
+    :param bias: add a learnable bias.
+    :param rtol: relative accuracy to which σ is certified at every forward.
+
+    State: ``weight`` (W̄) and ``bias`` are parameters; for λ > 0 the buffer ``u`` holds the
+    warm-start top singular vector (length min(C_out, C_in·k·k)) so that ``state_dict`` round-trips
+    and ``torch.func.functional_call`` can stack it across models.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        lam: float,
+        padding: str = "reflection",
+        bias: bool = True,
+        rtol: float = DEFAULT_RTOL,
+    ) -> None:
+        super().__init__()
+        if in_channels < 1 or out_channels < 1:
+            raise UserError(
+                f"channel counts must be >= 1, got in_channels={in_channels}, "
+                f"out_channels={out_channels}"
+            )
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise UserError(f"kernel_size must be odd and >= 1, got {kernel_size}")
+        if padding not in PADDINGS:
+            raise UserError(f"unknown padding {padding!r}; choose one of {', '.join(PADDINGS)}")
+        if not 0.0 < rtol < 1e-2:
+            raise UserError(f"rtol must be in (0, 0.01), got {rtol}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = kernel_size
+        self.lam = float(lam)
+        self.padding = padding
+        self.rtol = rtol
+        self._pad = (kernel_size - 1) // 2
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        if self.controlled:
+            n = min(out_channels, in_channels * kernel_size * kernel_size)
+            self.register_buffer("u", torch.full((n,), 1.0 / math.sqrt(n)))
+        self.reset_parameters()
+
+    @property
+    def controlled(self) -> bool:
+        """Whether the spectral norm is controlled (λ > 0)."""
+        return self.lam > 0.0
+
+    def reset_parameters(self) -> None:
+        """Kaiming-uniform weight (a = 0, fan_in; §1) and PyTorch's default bias init."""
+        nn.init.kaiming_uniform_(self.weight, a=0.0, mode="fan_in")
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.in_channels * self.kernel_size**2)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def _current_sigma(self) -> Tensor:
+        """Certified σ(W̄) of the current free weight; refreshes the warm start ``u``."""
+        with torch.no_grad():
+            sigma, u = certified_sigma(
+                self.weight.detach().flatten(1), self.u, DEFAULT_POWER_STEPS, self.rtol
+            )
+            self.u.copy_(u)
+        return sigma
+
+    def sigma_max(self) -> Tensor:
+        """σ = largest singular value of W̄ reshaped to (C_out, C_in·k·k), computed now (float64).
+
+        For λ ≤ 0 the layer keeps no warm start and the exact value is computed.
+        """
+        if not self.controlled:
+            with torch.no_grad():
+                return torch.linalg.matrix_norm(self.weight.detach().flatten(1).double(), ord=2)
+        return self._current_sigma()
+
+    def effective_weight(self) -> Tensor:
+        """W = W̄ / max(1, σ/λ), differentiable in W̄ with σ held constant."""
+        if not self.controlled:
+            return self.weight
+        scale = (self._current_sigma() / self.lam).clamp(min=1.0).to(self.weight.dtype)
+        return self.weight / scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.effective_weight()
+        if self.padding == "reflection":
+            if self._pad:
+                x = F.pad(x, (self._pad,) * 4, mode="reflect")
+            return F.conv2d(x, weight, self.bias)
+        return F.conv2d(x, weight, self.bias, padding=self._pad)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"lam={self.lam}, padding={self.padding!r}, bias={self.bias is not None}"
+        )

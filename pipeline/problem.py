@@ -1,0 +1,89 @@
+"""One restoration problem: a task's forward operator, its observation and, when known, the clean image.
+
+Two ways in, sharing the cropping rules (every network output is a multiple of 32 = 2^depth):
+
+- :func:`simulate` — research: crop a clean image, degrade it with the task's seeded operator.
+- :func:`observed` — a user's own degraded photo: crop it so that the output size is a multiple
+  of 32 and fit it directly; there is no clean image.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from pipeline.degradations import Degradation, make_degradation
+from pipeline.errors import UserError
+from pipeline.imageio import center_crop_to_multiple, load_image, load_mask
+
+OUTPUT_MULTIPLE = 32
+
+
+@dataclass
+class Problem:
+    """``observation = task.observe(clean)``; ``clean`` is None for a real degraded photo."""
+
+    task: Degradation
+    observation: Tensor
+    clean: Tensor | None
+
+
+def _task(
+    task: str,
+    params: dict[str, object],
+    mask_path: str | os.PathLike[str] | None,
+    image: Tensor,
+    multiple: int,
+) -> Degradation:
+    params = dict(params)
+    if mask_path is not None:
+        if task != "inpainting":
+            raise UserError(f"a mask is only used by inpainting, not by {task!r}")
+        full = load_mask(mask_path, image.shape[-2], image.shape[-1])
+        params["mask"] = center_crop_to_multiple(full, multiple)
+    return make_degradation(task, **params)
+
+
+def simulate(
+    task: str,
+    image_path: str | os.PathLike[str],
+    params: dict[str, object] | None = None,
+    mask_path: str | os.PathLike[str] | None = None,
+    channels: int | None = None,
+) -> Problem:
+    """Load a clean image, centre-crop it to multiples of 32, and degrade it with ``task``."""
+    image = load_image(image_path, channels)
+    degradation = _task(task, params or {}, mask_path, image, OUTPUT_MULTIPLE)
+    clean = center_crop_to_multiple(image, OUTPUT_MULTIPLE)
+    return Problem(degradation, degradation.observe(clean), clean)
+
+
+def observed(
+    task: str,
+    image_path: str | os.PathLike[str],
+    params: dict[str, object] | None = None,
+    mask_path: str | os.PathLike[str] | None = None,
+    channels: int | None = None,
+) -> Problem:
+    """Use a degraded photo as the observation (no clean image, so no PSNR against it).
+
+    The photo is centre-cropped so that the network's output size is a multiple of 32: for
+    super-resolution the low-resolution photo is cropped to multiples of ``32 / factor``.
+    """
+    params = dict(params or {})
+    if task == "inpainting" and mask_path is None:
+        raise UserError("inpainting a real photo needs its mask (--mask)")
+    image = load_image(image_path, channels)
+    multiple = OUTPUT_MULTIPLE
+    if task == "sr":
+        factor = int(params.get("factor", 4))  # type: ignore[call-overload]
+        if factor < 1 or OUTPUT_MULTIPLE % factor:
+            raise UserError(f"super-resolution factor must divide {OUTPUT_MULTIPLE}, got {factor}")
+        multiple = OUTPUT_MULTIPLE // factor
+    degradation = _task(task, params, mask_path, image, multiple)
+    observation = center_crop_to_multiple(image, multiple)
+    if task == "inpainting":
+        observation = observation * degradation.loss_mask(observation)
+    return Problem(degradation, observation, None)
