@@ -12,12 +12,16 @@ Compares, as medians over interleaved repetitions:
 Target: (a) <= 10% of (b), so that logging the measures every iteration costs little next to the
 network's fine-scale layers. Run from the repository root::
 
-    python -m bench.measures_speed [--reps 15] [--size 512]
+    python -m bench.measures_speed [--reps 15] [--size 512] [--threads N]
+
+On a shared machine, small multi-threaded ops stall whenever another process holds a core, so
+compare runs with ``--threads 1`` and the default and note the machine's load.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -42,9 +46,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=15, help="timed repetitions (>= 15)")
     parser.add_argument("--size", type=int, default=512, help="image side in pixels")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's)"
+    )
     args = parser.parse_args()
     if args.reps < 15:
         parser.error("--reps must be at least 15")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     generator = torch.Generator().manual_seed(0)
     size = args.size
@@ -88,7 +97,8 @@ def main() -> None:
 
     print(
         f"torch {torch.__version__}, numpy {np.__version__}, {torch.get_num_threads()} threads, "
-        f"{size}x{size}, median of {args.reps} interleaved repetitions"
+        f"{size}x{size}, median of {args.reps} interleaved repetitions, "
+        f"load average {os.getloadavg()[0]:.2f}"
     )
     medians = {name: statistics.median(values) for name, values in times.items()}
     for name, value in medians.items():

@@ -23,11 +23,15 @@ from torch import Tensor
 
 from pipeline.degradations import Degradation
 from pipeline.errors import UserError
-from pipeline.measures import blur, fbc, psnr, sharpness
+from pipeline.measures import blur, fbc, psnr, psnr_y, sharpness
 from pipeline.model import Decoder, DecoderConfig, make_input
 from pipeline.stopping import OnlineRatioRule
 
 BACKTRACK_TASKS = ("denoising", "deblocking")
+PSNR_PROTOCOLS = {
+    "rgb": psnr,
+    "y": lambda x, ref: psnr_y(x, ref, shave=4),
+}
 
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "denoising": {"lam": 1.4},
@@ -45,6 +49,8 @@ class FitConfig:
     """Settings of one fit; the paper's values are the defaults (method.md §5–6).
 
     ``backtrack=None`` means the task's default: on for denoising and deblocking, as in DIP.
+    ``psnr_protocol`` is how PSNR against the clean image is read (experiments.md, "Protocols"):
+    ``rgb`` over all channels, no shave; ``y`` on the Y channel with a 4-pixel border removed (SR).
     ``halt_at_stop`` ends the fit at the first sync after the ratio rule fires; otherwise the
     fit runs the whole budget and the output at the stop is kept on the side.
     """
@@ -65,6 +71,7 @@ class FitConfig:
     variance_window: int = 100
     emv_alpha: float = 0.1
     input_noise: float = 0.0
+    psnr_protocol: str = "rgb"
 
     def __post_init__(self) -> None:
         checks = {
@@ -77,6 +84,7 @@ class FitConfig:
             "emv_alpha": 0 < self.emv_alpha <= 1,
             "input_noise": self.input_noise >= 0,
             "backtrack_drop_db": self.backtrack_drop_db > 0,
+            "psnr_protocol": self.psnr_protocol in PSNR_PROTOCOLS,
         }
         for name, ok in checks.items():
             if not ok:
@@ -257,7 +265,7 @@ class FitState:
         first = fired & (self.rule.fired_at == m)
         self.stop_out = torch.where(first, out, self.stop_out)
         if self.clean is not None:
-            p = psnr(out, self.clean)[0]
+            p = PSNR_PROTOCOLS[self.config.psnr_protocol](out, self.clean)[0]
             c["psnr"][m] = p
             better = p > self.best_psnr
             self.best_out = torch.where(better, out, self.best_out)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.degradations import Degradation, make_degradation
@@ -46,15 +47,36 @@ def _task(
     return make_degradation(task, **params)
 
 
+def shrink(image: Tensor, short_side: int | None, crop: int | None) -> Tensor:
+    """Reduce an image for quick runs: resize so its short side is ``short_side`` (antialiased
+    bicubic, rounded to 8 bits like a saved image), then centre-crop a ``crop`` square."""
+    if short_side is not None:
+        height, width = image.shape[-2:]
+        scale = short_side / min(height, width)
+        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        image = F.interpolate(image, size=size, mode="bicubic", antialias=True, align_corners=False)
+        image = (image.clamp(0, 1) * 255).round() / 255
+    if crop is not None:
+        height, width = image.shape[-2:]
+        if crop > min(height, width):
+            raise UserError(f"crop {crop} is larger than the image ({height}×{width})")
+        top, left = (height - crop) // 2, (width - crop) // 2
+        image = image[..., top : top + crop, left : left + crop]
+    return image
+
+
 def simulate(
     task: str,
     image_path: str | os.PathLike[str],
     params: dict[str, object] | None = None,
     mask_path: str | os.PathLike[str] | None = None,
     channels: int | None = None,
+    short_side: int | None = None,
+    crop: int | None = None,
 ) -> Problem:
-    """Load a clean image, centre-crop it to multiples of 32, and degrade it with ``task``."""
-    image = load_image(image_path, channels)
+    """Load a clean image, optionally :func:`shrink` it, centre-crop it to multiples of 32, and
+    degrade it with ``task``. A mask file must have the size of the (shrunk) image."""
+    image = shrink(load_image(image_path, channels), short_side, crop)
     degradation = _task(task, params or {}, mask_path, image, OUTPUT_MULTIPLE)
     clean = center_crop_to_multiple(image, OUTPUT_MULTIPLE)
     return Problem(degradation, degradation.observe(clean), clean)

@@ -27,9 +27,18 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from stages import fit
+    from stages import aggregate, evaluate, fbc, fit, optimize, prepare, profile
 
-    cli.add_command(fit.fit_command)
+    for command in (
+        fit.fit_command,
+        profile.profile_command,
+        prepare.prepare_command,
+        optimize.optimize_command,
+        fbc.fbc_command,
+        evaluate.evaluate_command,
+        aggregate.aggregate_command,
+    ):
+        cli.add_command(command)
 
 
 _register()

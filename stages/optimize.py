@@ -1,0 +1,103 @@
+"""``sdip optimize TASK IMAGE METHOD``: one fit of one prepared observation (DVC stage ``optimize``).
+
+Reads ``fit``, ``tasks.TASK.fit`` and ``methods.METHOD`` from params.yaml, fits the prepared
+observation ``data/prepared/TASK/<variant>/IMAGE`` and writes ``runs/TASK/<variant>/IMAGE/METHOD``
+(:mod:`pipeline.results`). The invocation is an MLflow parent run with the fit as its child run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import yaml
+
+from pipeline.fit import FitConfig, fit
+from pipeline.observations import read_observation
+from pipeline.results import write_result
+from pipeline.settings import fit_settings, load_params, variant_name
+from pipeline.tracking import log_fit_run, stage_run
+from stages.fit import progress_callback
+from stages.prepare import PREPARED
+
+RUNS = Path("runs")
+ARTIFACTS = ("restored_stop.png", "restored_final.png", "restored_best.png", "observation.png")
+
+
+def _overrides(values: tuple[str, ...]) -> dict[str, object]:
+    parsed = {}
+    for item in values:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--set")
+        parsed[key] = yaml.safe_load(text)
+    return parsed
+
+
+@click.command("optimize")
+@click.argument("task")
+@click.argument("image")
+@click.argument("method")
+@click.option("--variant", "variant_value", help="The task's variant value (σ, quality, factor).")
+@click.option("--set", "overrides", multiple=True, help="Override a fit setting: KEY=VALUE.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--params", "params_file", default="params.yaml", show_default=True)
+@click.option("--dvc-stage", default="", help="The DVC stage name, recorded as a tag.")
+@click.option("--track/--no-track", default=True, show_default=True, help="Log to MLflow.")
+def optimize_command(
+    task: str,
+    image: str,
+    method: str,
+    variant_value: str | None,
+    overrides: tuple[str, ...],
+    out_dir: Path | None,
+    params_file: str,
+    dvc_stage: str,
+    track: bool,
+) -> None:
+    """Fit METHOD to the prepared observation of IMAGE for TASK."""
+    params = load_params(params_file)
+    value = None if variant_value is None else yaml.safe_load(variant_value)
+    variant = variant_name(task, value)
+    problem, meta = read_observation(PREPARED / task / variant / image)
+    settings = {**fit_settings(params, task, method), **_overrides(overrides)}
+    config = FitConfig.from_dict(settings)
+    out = out_dir or RUNS / task / variant / image / method
+    bar, update = progress_callback(config.iterations)
+    with bar:
+        result = fit(problem.observation, problem.task, config, [update], clean=problem.clean)
+    extra = {"image": image, "method": method, "variant": variant, "observation": meta}
+    summary = write_result(out, problem, result, extra)
+    if track:
+        profile = params.get("profile", "custom")
+        tags = {"profile": profile, "dvc_stage": dvc_stage, "task": task, "image": image}
+        fit_params = {
+            "task": task,
+            "variant": variant,
+            "image": image,
+            "method": method,
+            **config.flat(),
+            **{f"degradation.{k}": v for k, v in meta["params"].items()},
+        }
+        with stage_run(task, f"optimize {task}/{variant}/{image}/{method}", tags) as (
+            mlflow,
+            experiment,
+            parent,
+        ):
+            metrics = {k: v for k, v in summary.items() if isinstance(v, int | float)}
+            log_fit_run(
+                mlflow,
+                experiment,
+                parent,
+                f"{image}-{method}",
+                fit_params,
+                {**tags, "method": method, "variant": variant},
+                result.curves,
+                metrics,
+                [out / name for name in ARTIFACTS],
+            )
+    click.echo(
+        f"{task}/{variant}/{image}/{method}: {result.iterations_run} it, "
+        f"{result.wall_time:.1f} s, stop {summary['stop_iteration']}, "
+        f"PSNR stop {summary['psnr_stop']}, final {summary['psnr_final']}, best {summary['psnr_best']}"
+    )
