@@ -10,52 +10,63 @@ control off and the layer is a plain convolution (the DIP baseline).
 
 The reference computes σ with a full SVD at every forward. Here σ² is the largest eigenvalue of
 the small Gram matrix G = M Mᵀ (or MᵀM, whichever is smaller) of the reshaped weight M, found by a
-warm-started power iteration and then *certified*: ρ = uᵀGu is always a lower bound of λ_max(G)
-for a unit u, and a successful Cholesky factorisation of τI − G with τ = ρ(1 + 2·rtol) proves
-λ_max(G) ≤ τ (no eigen-gap assumption). Both bounds together put σ = √ρ within rtol (relative) of
-the exact value. When the certificate fails (cold start, or the top eigenvalues cross between two
-optimiser steps), σ² and u are taken from ``torch.linalg.eigh`` of G. After a successful
-certificate one shift-invert step with the Cholesky factor sharpens u for the next call.
+warm-started power iteration and then *certified*: ρ = uᵀGu ≤ λ_max(G) for any unit u, and a
+successful Cholesky factorisation of τI − G with τ = ρ(1 + rtol)² proves λ_max(G) ≤ τ, with no
+eigen-gap assumption. The layer uses the certified upper bound σ̂ = √τ, so σ ≤ σ̂ ≤ (1 + rtol)·σ
+and the weight actually used never exceeds λ. When the certificate fails (cold start, or the top
+eigenvalues cross between two optimiser steps), σ² and u come from ``torch.linalg.eigh`` of G.
+After a success, one shift-invert step with the Cholesky factor sharpens u for the next call.
+G is formed in the weight's dtype and factorised in float64; in float32 its rounding error
+(about 1e-7 relative) is far below rtol.
 """
 
 import math
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch._functorch.autograd_function import VmapInfo
 
 from pipeline.errors import UserError
 
 PADDINGS = ("reflection", "zeros")
-DEFAULT_RTOL = 2e-5
-DEFAULT_POWER_STEPS = 2
+DEFAULT_RTOL = 5e-5
+DEFAULT_POWER_STEPS = 4
 
 
-def _certified_top_eigenpair(G: Tensor, u: Tensor, steps: int, rtol: float) -> tuple[Tensor, Tensor]:
-    """Largest eigenvalue of symmetric PSD ``G`` (…, n, n) to ``rtol``·2 relative, warm-started at ``u``.
+class _VmapInfo(Protocol):
+    """What ``torch.library.register_vmap`` passes as ``info`` (only the batch size is used)."""
 
-    Returns ``(rho, u_new)`` with ρ a Rayleigh quotient certified by Cholesky (see module
-    docstring), or the ``eigh`` value where the certificate failed. Leading dimensions batch.
+    batch_size: int
+
+
+def _certified_top_eigenpair(
+    G: Tensor, u: Tensor, steps: int, rtol: float
+) -> tuple[Tensor, Tensor]:
+    """Certified upper bound τ of λ_max(G), τ ≤ (1 + rtol)²·λ_max, for symmetric PSD G (…, n, n).
+
+    ``u`` (…, n) is the warm start. Returns ``(tau, u_new)``; where the Cholesky certificate fails,
+    τ is the ``eigh`` value and u_new its eigenvector. Leading dimensions batch.
     """
     for _ in range(steps):
         u = F.normalize((G @ u.unsqueeze(-1)).squeeze(-1), dim=-1)
     rho = (u * (G @ u.unsqueeze(-1)).squeeze(-1)).sum(-1)
+    tau = rho * (1.0 + rtol) ** 2
     eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
-    factor, info = torch.linalg.cholesky_ex((rho * (1.0 + 2.0 * rtol))[..., None, None] * eye - G)
+    factor, info = torch.linalg.cholesky_ex(tau[..., None, None] * eye - G)
     ok = info == 0
-    # Shift-invert with the certified upper bound τ as shift: (τI − G)⁻¹ multiplies the top
-    # eigenvector by 1/(τ − λ₁) ≥ 1/(2·rtol·ρ), so the warm start for the next call is nearly exact.
+    # Shift-invert with shift τ: (τI − G)⁻¹ scales the top eigenvector by 1/(τ − λ₁), at least
+    # 1/(2.01·rtol·ρ), far more than any other, so the next call starts almost converged.
     sharpened = F.normalize(torch.cholesky_solve(u.unsqueeze(-1), factor).squeeze(-1), dim=-1)
     keep = ok & torch.isfinite(sharpened).all(-1)
     u = torch.where(keep[..., None], sharpened, u)
-    # The one data-dependent branch; under torch.func.vmap the custom op below runs this function
-    # on the whole batch at once, so it never sees a batched tensor.
+    # The one data-dependent branch. Under torch.func.vmap the custom op below hands this function
+    # the whole batch as a plain tensor, so the branch never sees a batched tensor.
     if not bool(ok.all()):
         evals, evecs = torch.linalg.eigh(G)
-        rho = torch.where(ok, rho, evals[..., -1])
+        tau = torch.where(ok, tau, evals[..., -1].clamp(min=0.0))
         u = torch.where(ok[..., None], u, evecs[..., -1])
-    return rho.clamp(min=0.0), u
+    return tau, u
 
 
 def _gram(matrix: Tensor) -> Tensor:
@@ -66,15 +77,15 @@ def _gram(matrix: Tensor) -> Tensor:
 
 
 def _sigma_impl(matrix: Tensor, u: Tensor, steps: int, rtol: float) -> tuple[Tensor, Tensor]:
-    rho, u_new = _certified_top_eigenpair(_gram(matrix), u.to(torch.float64), steps, rtol)
-    return rho.sqrt(), u_new
+    tau, u_new = _certified_top_eigenpair(_gram(matrix), u.to(torch.float64), steps, rtol)
+    return tau.sqrt(), u_new
 
 
 @torch.library.custom_op("spectral_dip::certified_sigma", mutates_args=())
 def certified_sigma(matrix: Tensor, u: Tensor, steps: int, rtol: float) -> tuple[Tensor, Tensor]:
-    """Largest singular value of ``matrix`` (…, m, n) certified to ``rtol`` relative.
+    """Certified bound σ̂ of the largest singular value σ of ``matrix`` (…, m, n): σ ≤ σ̂ ≤ (1+rtol)σ.
 
-    ``u`` (…, min(m, n)) is the warm start; returns ``(sigma (…), u_new)`` in float64. Not
+    ``u`` (…, min(m, n)) is the warm start; returns ``(sigma_hat (…), u_new)`` in float64. Not
     differentiable: callers pass detached weights (σ is a constant in back-propagation, §2).
     """
     return _sigma_impl(matrix, u, steps, rtol)
@@ -89,7 +100,7 @@ def _(matrix: Tensor, u: Tensor, steps: int, rtol: float) -> tuple[Tensor, Tenso
 
 
 def _certified_sigma_vmap(
-    info: VmapInfo,
+    info: _VmapInfo,
     in_dims: tuple[int | None, int | None, None, None],
     matrix: Tensor,
     u: Tensor,
@@ -97,7 +108,7 @@ def _certified_sigma_vmap(
     rtol: float,
 ) -> tuple[tuple[Tensor, Tensor], tuple[int, int]]:
     """Batch rule: the implementation already accepts leading batch dimensions."""
-    matrix_dim, u_dim = in_dims
+    matrix_dim, u_dim = in_dims[:2]
     matrix = (
         matrix.movedim(matrix_dim, 0)
         if matrix_dim is not None
@@ -171,12 +182,20 @@ class LipschitzConv2d(nn.Module):
         """Whether the spectral norm is controlled (λ > 0)."""
         return self.lam > 0.0
 
-    def reset_parameters(self) -> None:
-        """Kaiming-uniform weight (a = 0, fan_in; §1) and PyTorch's default bias init."""
-        nn.init.kaiming_uniform_(self.weight, a=0.0, mode="fan_in")
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Kaiming-uniform weight (a = 0, fan_in; §1) and PyTorch's default bias init.
+
+        Draws from ``generator``, or from the global RNG when None (as PyTorch's own layers do at
+        construction).
+        """
+        nn.init.kaiming_uniform_(self.weight, a=0.0, mode="fan_in", generator=generator)
         if self.bias is not None:
             bound = 1.0 / math.sqrt(self.in_channels * self.kernel_size**2)
-            nn.init.uniform_(self.bias, -bound, bound)
+            nn.init.uniform_(self.bias, -bound, bound, generator=generator)
+        if self.controlled:
+            # Start the warm start at the exact top singular vector so no forward runs cold.
+            with torch.no_grad():
+                self.u.copy_(torch.linalg.eigh(_gram(self.weight.flatten(1)))[1][:, -1])
 
     def _current_sigma(self) -> Tensor:
         """Certified σ(W̄) of the current free weight; refreshes the warm start ``u``."""
@@ -188,9 +207,10 @@ class LipschitzConv2d(nn.Module):
         return sigma
 
     def sigma_max(self) -> Tensor:
-        """σ = largest singular value of W̄ reshaped to (C_out, C_in·k·k), computed now (float64).
+        """σ̂ for the current W̄ reshaped to (C_out, C_in·k·k), computed now (float64 scalar).
 
-        For λ ≤ 0 the layer keeps no warm start and the exact value is computed.
+        For λ > 0 this is the certified value the forward uses (σ ≤ σ̂ ≤ (1 + rtol)·σ); for λ ≤ 0
+        the layer keeps no warm start and the exact value is computed.
         """
         if not self.controlled:
             with torch.no_grad():

@@ -4,7 +4,8 @@ Every function takes batched ``(B, C, H, W)`` floating tensors with values in [0
 returns one value per batch item (``(B,)``, or ``(B, bands)`` for FBC) in the input's dtype, and
 runs entirely on the input's device without host synchronisation: no ``.item()``, no copies to the
 host, no Python branching on tensor values. That lets the fitting loop log these measures every
-iteration without stalling an accelerator.
+iteration without stalling an accelerator. They are differentiable; when only logging, call them
+under ``torch.no_grad()`` (or on a detached output) so no graph is kept.
 
 Formulas follow the project spec (``method.md`` §4 FBC, §5 blurriness and sharpness;
 ``experiments.md`` protocols), which describes Shi et al., "On Measuring and Controlling the
@@ -92,7 +93,7 @@ def grayscale(x: torch.Tensor) -> torch.Tensor:
     return g.clamp(0.0, 1.0)
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=8)
 def _fbc_band_matrix(
     height: int, width: int, bands: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,7 +115,8 @@ def _fbc_band_matrix(
     cols = np.arange(width, dtype=np.float64)[None, :]
     dist = np.sqrt((cols - cx) ** 2 + (rows - cy) ** 2)
     radii = np.array([cx * (k / bands) for k in range(1, bands + 1)], dtype=np.float64)
-    # First k with d <= r_k: band 0 is d <= r_1, band k is r_k < d <= r_{k+1}; `bands` = no band.
+    # 0-based band i satisfies radii[i-1] < d <= radii[i] (d <= radii[0] for i = 0); i == bands
+    # means beyond the last radius, in no band.
     band_shifted = np.searchsorted(radii, dist, side="left")
     band = np.fft.ifftshift(band_shifted)
 

@@ -1,0 +1,236 @@
+"""The deep-image-prior decoder of Shi et al. (IJCV 2022) and its fixed input (method.md §1).
+
+    z (1 × C_in × H/2^d × W/2^d)
+    → conv2x(C_in → width)
+    → d × [upsample ×2 → conv2x(width → width)]
+    → conv 1×1 (width → C_out, bias, not Lipschitz-controlled) → sigmoid,
+
+    conv2x(a → b) = [pad → LipschitzConv2d 3×3 → mean-only BN → LeakyReLU(0.01)] × 2,
+
+with d = depth = 5 and width = 128 by default, so the output is 32 × the input size. Conv weights
+are kaiming-uniform (a = 0, fan_in), biases PyTorch's default. At the defaults an RGB decoder has
+1,662,339 parameters (≈1.66 M, as in §1).
+
+The forward has no Python branching on tensor values and all per-layer state (the power-iteration
+vectors of the Lipschitz layers) lives in buffers, so K independent fits can be batched with
+``torch.func.functional_call`` + ``torch.func.vmap`` over stacked parameters and buffers.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.errors import UserError
+from pipeline.lipschitz import PADDINGS, LipschitzConv2d
+from pipeline.upsample import UPSAMPLE_KINDS, make_upsampler
+
+INPUT_KINDS = ("fourier", "noise", "meshgrid")
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """Decoder hyper-parameters; the defaults are the paper's (method.md §1–§3).
+
+    :param input: ``"fourier"`` (z = [sin 2πu, cos 2πu], u ~ U(0, 1)), ``"noise"`` (u·noise_scale)
+        or ``"meshgrid"`` (2 channels: x and y coordinates in [0, 1]).
+    :param input_channels: channels of z for ``"fourier"`` (even: half sin, half cos) and
+        ``"noise"``; ``"meshgrid"`` always has 2.
+    :param noise_scale: scale of the uniform ``"noise"`` input.
+    :param width: channels of every hidden layer.
+    :param depth: number of ×2 upsampling blocks; the output is 2^depth × the input size.
+    :param out_channels: image channels (3 RGB, 1 grey).
+    :param upsample: ``bilinear``, ``nearest``, ``deconv`` or ``gaussian`` for every block, or a
+        tuple with one per block (coarse → fine).
+    :param gauss_sigma: σ of the Gaussian upsampler per block (coarse → fine), one per block.
+    :param lam: Lipschitz bound λ of the 3×3 convolutions; λ ≤ 0 turns the control off (plain DIP).
+    :param padding: ``"reflection"`` or ``"zeros"`` for the 3×3 convolutions.
+    :param negative_slope: slope of the LeakyReLU for negative inputs.
+    """
+
+    input: str = "fourier"
+    input_channels: int = 32
+    noise_scale: float = 0.1
+    width: int = 128
+    depth: int = 5
+    out_channels: int = 3
+    upsample: str | tuple[str, ...] = "bilinear"
+    gauss_sigma: tuple[float, ...] = (0.1, 0.1, 0.1, 0.5, 0.5)
+    lam: float = 1.4
+    padding: str = "reflection"
+    negative_slope: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.input not in INPUT_KINDS:
+            raise UserError(f"unknown input {self.input!r}; choose one of {', '.join(INPUT_KINDS)}")
+        if self.input != "meshgrid" and self.input_channels < 1:
+            raise UserError(f"input_channels must be >= 1, got {self.input_channels}")
+        if self.input == "fourier" and self.input_channels % 2:
+            raise UserError(
+                f"input_channels must be even for the fourier input (half sin, half cos), "
+                f"got {self.input_channels}"
+            )
+        if not math.isfinite(self.noise_scale) or self.noise_scale <= 0.0:
+            raise UserError(f"noise_scale must be finite and > 0, got {self.noise_scale}")
+        if self.width < 1:
+            raise UserError(f"width must be >= 1, got {self.width}")
+        if self.depth < 0:
+            raise UserError(f"depth must be >= 0, got {self.depth}")
+        if self.out_channels < 1:
+            raise UserError(f"out_channels must be >= 1, got {self.out_channels}")
+        for kind in self.block_upsamplers:
+            if not isinstance(kind, str) or kind not in UPSAMPLE_KINDS:
+                raise UserError(
+                    f"unknown upsample {kind!r}; choose one of {', '.join(UPSAMPLE_KINDS)}"
+                )
+        if len(self.gauss_sigma) != self.depth:
+            raise UserError(
+                f"gauss_sigma has {len(self.gauss_sigma)} values but depth is {self.depth}; "
+                f"give one sigma per upsampling block"
+            )
+        for sigma in self.gauss_sigma:
+            if not math.isfinite(sigma) or sigma < 0.0:
+                raise UserError(f"gauss_sigma values must be finite and >= 0, got {sigma}")
+        if not math.isfinite(self.lam):
+            raise UserError(f"lam must be finite, got {self.lam}")
+        if self.padding not in PADDINGS:
+            raise UserError(
+                f"unknown padding {self.padding!r}; choose one of {', '.join(PADDINGS)}"
+            )
+        if not math.isfinite(self.negative_slope) or self.negative_slope < 0.0:
+            raise UserError(f"negative_slope must be finite and >= 0, got {self.negative_slope}")
+
+    @property
+    def block_upsamplers(self) -> tuple[str, ...]:
+        """The upsampler kind of each block, coarse → fine."""
+        if isinstance(self.upsample, str):
+            return (self.upsample,) * self.depth
+        if len(self.upsample) != self.depth:
+            raise UserError(
+                f"upsample has {len(self.upsample)} entries but depth is {self.depth}; "
+                f"give one kind, or one per block"
+            )
+        return tuple(self.upsample)
+
+    @property
+    def in_channels(self) -> int:
+        """Channels of the network input z."""
+        return 2 if self.input == "meshgrid" else self.input_channels
+
+
+class MeanOnlyBatchNorm(nn.Module):
+    """y = x − mean_{n,h,w}(x) + b, per channel (method.md §1).
+
+    No variance scaling and no running statistics: training and eval mode compute the same thing.
+    """
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.bias = nn.Parameter(torch.zeros(num_features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x - x.mean(dim=(-4, -2, -1), keepdim=True) + self.bias[:, None, None]
+
+    def extra_repr(self) -> str:
+        return str(self.num_features)
+
+
+def _conv2x(cin: int, cout: int, config: DecoderConfig) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for a, b in ((cin, cout), (cout, cout)):
+        layers += [
+            LipschitzConv2d(a, b, 3, lam=config.lam, padding=config.padding),
+            MeanOnlyBatchNorm(b),
+            nn.LeakyReLU(config.negative_slope),
+        ]
+    return nn.Sequential(*layers)
+
+
+class Decoder(nn.Module):
+    """The decoder of method.md §1, built from ``config``.
+
+    :param config: hyper-parameters.
+    :param generator: the random source of the initial weights (kaiming-uniform, a = 0, fan_in,
+        for every convolution; PyTorch's default for biases). None draws them from the global RNG,
+        so ``torch.manual_seed`` fixes them; with a generator the global RNG is left untouched.
+    """
+
+    def __init__(self, config: DecoderConfig, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.config = config
+        # Layers draw a default init from the global RNG at construction; fork it so those draws
+        # are discarded, and draw the real init below in a fixed module order.
+        with torch.random.fork_rng(devices=[]):
+            self.head = _conv2x(config.in_channels, config.width, config)
+            self.blocks = nn.ModuleList(
+                nn.Sequential(
+                    make_upsampler(kind, config.width, sigma, padding=config.padding),
+                    _conv2x(config.width, config.width, config),
+                )
+                for kind, sigma in zip(config.block_upsamplers, config.gauss_sigma, strict=True)
+            )
+            self.tail = nn.Conv2d(config.width, config.out_channels, kernel_size=1)
+        self.reset_parameters(generator)
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Re-draw every learnable weight and bias from ``generator`` (global RNG if None)."""
+        for module in self.modules():
+            if isinstance(module, LipschitzConv2d):
+                module.reset_parameters(generator)
+            elif isinstance(module, nn.Conv2d | nn.ConvTranspose2d):
+                nn.init.kaiming_uniform_(module.weight, a=0.0, mode="fan_in", generator=generator)
+                if module.bias is not None:
+                    # PyTorch's default: U(±1/√fan_in), fan_in = weight.shape[1]·k·k.
+                    bound = 1.0 / math.sqrt(module.weight[0].numel())
+                    nn.init.uniform_(module.bias, -bound, bound, generator=generator)
+            elif isinstance(module, MeanOnlyBatchNorm):
+                nn.init.zeros_(module.bias)
+
+    def forward(self, z: Tensor) -> Tensor:
+        x = self.head(z)
+        for block in self.blocks:
+            x = block(x)
+        return torch.sigmoid(self.tail(x))
+
+
+def input_size(config: DecoderConfig, height: int, width: int) -> tuple[int, int]:
+    """Spatial size of z for an output of ``height`` × ``width``, checked."""
+    factor = 2**config.depth
+    if height < 1 or width < 1 or height % factor or width % factor:
+        raise UserError(
+            f"output size {height}x{width} must be positive multiples of 2**depth = {factor} "
+            f"(crop the image to a multiple of {factor})"
+        )
+    h, w = height // factor, width // factor
+    if config.padding == "reflection" and min(h, w) < 2:
+        raise UserError(
+            f"output size {height}x{width} gives a {h}x{w} network input, too small for "
+            f"reflection padding; use an image of at least {2 * factor}x{2 * factor}"
+        )
+    return h, w
+
+
+def make_input(
+    config: DecoderConfig, height: int, width: int, generator: torch.Generator
+) -> Tensor:
+    """The fixed network input z, shape (1, C_in, height / 2^depth, width / 2^depth) (§1).
+
+    ``fourier``: u ~ U(0, 1) with C_in/2 channels, z = [sin 2πu, cos 2πu]; ``noise``: u·noise_scale
+    with C_in channels; ``meshgrid``: x and y coordinates in [0, 1] (no random draw).
+    """
+    h, w = input_size(config, height, width)
+    if config.input == "meshgrid":
+        ys, xs = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+        return torch.stack([xs, ys])[None]
+    channels = config.input_channels // 2 if config.input == "fourier" else config.input_channels
+    u = torch.rand(1, channels, h, w, generator=generator)
+    if config.input == "noise":
+        return u * config.noise_scale
+    return torch.cat([torch.sin(2 * math.pi * u), torch.cos(2 * math.pi * u)], dim=1)
+
+
+def param_count(model: nn.Module) -> int:
+    """Number of learnable parameters (buffers excluded)."""
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,25 @@
+"""Shared fixtures: small odd-sized images and the real default profile, shrunk."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from skimage import data
+
+from pipeline.settings import load_yaml
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def astronaut_64() -> torch.Tensor:
+    """A 64×64 RGB crop of a real image, as (1, 3, H, W) in [0, 1]."""
+    pixels = data.astronaut()[::4, ::4][16:80, 40:104].astype(np.float32) / 255
+    return torch.from_numpy(pixels).permute(2, 0, 1)[None].contiguous()
+
+
+@pytest.fixture
+def cpu_profile() -> dict:
+    """The real default profile (profiles/cpu.yaml)."""
+    return load_yaml(ROOT / "profiles" / "cpu.yaml")
