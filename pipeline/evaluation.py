@@ -118,8 +118,12 @@ def fbc_summary(
     iterations = curves["iteration"]
     bands = sorted(int(name[4:]) for name in curves if name.startswith("fbc_"))
     stops = rule_stops(curves, rules)
-    row: dict[str, Any] = {"task": key.task, "variant": key.variant, "image": key.image,
-                           "method": key.method}
+    row: dict[str, Any] = {
+        "task": key.task,
+        "variant": key.variant,
+        "image": key.image,
+        "method": key.method,
+    }
     last = len(iterations) - 1
     points = {"peak": stops["oracle"], "stop": stops["ratio"], "final": last}
     for band in bands:

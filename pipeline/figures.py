@@ -1,8 +1,8 @@
 """The paper's figures, redrawn from logged curves (matplotlib, headless).
 
-- :func:`spectral_measurement` — PSNR and FBC bands vs iteration (paper Fig. "spectral measurement").
+- :func:`spectral_measurement` — PSNR and FBC bands vs iteration ("spectral measurement").
 - :func:`sweep` — PSNR vs iteration for a λ or σ sweep (Figs. "Lipschitz/Gaussian control").
-- :func:`automatic_stop` — PSNR and blur/sharpness ratio with the rule's stop (Fig. "automatic stop").
+- :func:`automatic_stop` — PSNR and the blur/sharpness ratio with the rule's stop.
 - :func:`restoration_grid` — observation / ours / clean, one row per task.
 """
 
@@ -15,12 +15,12 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from PIL import Image  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
+from PIL import Image
 
-from pipeline.imageio import write_bytes_atomic  # noqa: E402
+from pipeline.imageio import write_bytes_atomic
 
 
 def save_figure(figure: Figure, path: Path) -> None:
@@ -32,7 +32,9 @@ def save_figure(figure: Figure, path: Path) -> None:
     write_bytes_atomic(path, buffer.getvalue())
 
 
-def spectral_measurement(curves: dict[str, np.ndarray], peak: int | None, title: str, path: Path) -> None:
+def spectral_measurement(
+    curves: dict[str, np.ndarray], peak: int | None, title: str, path: Path
+) -> None:
     iterations = curves["iteration"]
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(6, 6), sharex=True)
     top.plot(iterations, curves["psnr"], color="black")
@@ -62,9 +64,7 @@ def sweep(series: dict[str, dict[str, np.ndarray]], label: str, title: str, path
     save_figure(figure, path)
 
 
-def automatic_stop(
-    curves: dict[str, np.ndarray], stop: int | None, title: str, path: Path
-) -> None:
+def automatic_stop(curves: dict[str, np.ndarray], stop: int | None, title: str, path: Path) -> None:
     iterations = curves["iteration"]
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5), sharex=True)
     top.plot(iterations, curves["psnr"], color="black")
@@ -83,7 +83,9 @@ def restoration_grid(rows: list[tuple[str, Path, Path, Path]], path: Path) -> No
     """``rows``: (label, observation.png, restored.png, clean.png)."""
     figure, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.6 * len(rows)), squeeze=False)
     for (label, *images), row in zip(rows, axes, strict=True):
-        for image, axis, name in zip(images, row, ("observation", "ours (stop)", "clean"), strict=True):
+        for image, axis, name in zip(
+            images, row, ("observation", "ours (stop)", "clean"), strict=True
+        ):
             with Image.open(image) as opened:
                 pixels = np.asarray(opened)
             axis.imshow(pixels, cmap="gray" if pixels.ndim == 2 else None, vmin=0, vmax=255)

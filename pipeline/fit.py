@@ -160,7 +160,9 @@ class FitResult:
             "stop_iteration": self.stop_iteration,
             "best_iteration": self.best_iteration,
             "psnr_final": at("psnr", last),
-            "psnr_stop": at("psnr", self.stop_iteration if self.stop_iteration is not None else last),
+            "psnr_stop": at(
+                "psnr", self.stop_iteration if self.stop_iteration is not None else last
+            ),
             "psnr_best": at("psnr", self.best_iteration),
             "psnr_obs_final": at("psnr_obs", last),
             "wall_time_s": round(self.wall_time, 3),
@@ -186,16 +188,16 @@ class FitState:
         height, width = task.output_shape(self.y)
         if self.clean is not None and tuple(self.clean.shape[-2:]) != (height, width):
             raise UserError(
-                f"clean image is {tuple(self.clean.shape[-2:])}, the fit's output is {(height, width)}"
+                f"clean image is {tuple(self.clean.shape[-2:])}, "
+                f"the fit's output is {(height, width)}"
             )
         model_config = replace(config.model, out_channels=self.y.shape[1])
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            self.model = Decoder(model_config).to(dev)
-        self.z = make_input(
-            model_config, height, width, torch.Generator().manual_seed(config.seed)
-        ).to(dev)
-        self.noise_generator = torch.Generator(dev).manual_seed(config.seed + 1)
+        # Separate streams for the weights, the input and the input noise, all from the seed.
+        weights = torch.Generator().manual_seed(config.seed)
+        self.model = Decoder(model_config, generator=weights).to(dev)
+        inputs = torch.Generator().manual_seed(config.seed + 1)
+        self.z = make_input(model_config, height, width, inputs).to(dev)
+        self.noise_generator = torch.Generator(dev).manual_seed(config.seed + 2)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         self.backtrack = (
             task.name in BACKTRACK_TASKS if config.backtrack is None else config.backtrack
@@ -256,7 +258,9 @@ class FitState:
         c["loss"][m] = loss
         psnr_obs = psnr(seen, self.y)[0]
         c["psnr_obs"][m] = psnr_obs
-        c["fbc"][m] = fbc(seen if seen.shape == self.y.shape else out, self.y, self.config.fbc_bands)[0]
+        c["fbc"][m] = fbc(
+            seen if seen.shape == self.y.shape else out, self.y, self.config.fbc_bands
+        )[0]
         b, s = blur(out)[0], sharpness(out)[0]
         c["blur"][m], c["sharpness"][m] = b, s
         ratio = b / s

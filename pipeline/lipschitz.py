@@ -31,7 +31,7 @@ from pipeline.errors import UserError
 
 PADDINGS = ("reflection", "zeros")
 DEFAULT_RTOL = 5e-5
-DEFAULT_POWER_STEPS = 4
+DEFAULT_POWER_STEPS = 2
 
 
 class _VmapInfo(Protocol):
@@ -45,28 +45,30 @@ def _certified_top_eigenpair(
 ) -> tuple[Tensor, Tensor]:
     """Certified upper bound τ of λ_max(G), τ ≤ (1 + rtol)²·λ_max, for symmetric PSD G (…, n, n).
 
-    ``u`` (…, n) is the warm start. Returns ``(tau, u_new)``; where the Cholesky certificate fails,
-    τ is the ``eigh`` value and u_new its eigenvector. Leading dimensions batch.
+    ``u`` (…, n) is the unit warm start; ``steps`` ≥ 1 power steps are taken. Returns
+    ``(tau, u_new)``; where the Cholesky certificate fails, τ is the ``eigh`` value and u_new its
+    eigenvector. Leading dimensions batch.
     """
     for _ in range(steps):
-        u = F.normalize((G @ u.unsqueeze(-1)).squeeze(-1), dim=-1)
-    rho = (u * (G @ u.unsqueeze(-1)).squeeze(-1)).sum(-1)
+        v = (G @ u.unsqueeze(-1)).squeeze(-1)
+        rho = torch.linalg.vecdot(u, v)  # Rayleigh quotient of the unit vector u
+        u = v / torch.linalg.vector_norm(v, dim=-1, keepdim=True)
     tau = rho * (1.0 + rtol) ** 2
-    eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
-    factor, info = torch.linalg.cholesky_ex(tau[..., None, None] * eye - G)
+    shifted = -G
+    shifted.diagonal(dim1=-2, dim2=-1).add_(tau.unsqueeze(-1))
+    factor, info = torch.linalg.cholesky_ex(shifted)
     ok = info == 0
     # Shift-invert with shift τ: (τI − G)⁻¹ scales the top eigenvector by 1/(τ − λ₁), at least
     # 1/(2.01·rtol·ρ), far more than any other, so the next call starts almost converged.
-    sharpened = F.normalize(torch.cholesky_solve(u.unsqueeze(-1), factor).squeeze(-1), dim=-1)
-    keep = ok & torch.isfinite(sharpened).all(-1)
-    u = torch.where(keep[..., None], sharpened, u)
+    sharpened = torch.cholesky_solve(u.unsqueeze(-1), factor).squeeze(-1)
+    sharpened = sharpened / torch.linalg.vector_norm(sharpened, dim=-1, keepdim=True)
     # The one data-dependent branch. Under torch.func.vmap the custom op below hands this function
     # the whole batch as a plain tensor, so the branch never sees a batched tensor.
-    if not bool(ok.all()):
-        evals, evecs = torch.linalg.eigh(G)
-        tau = torch.where(ok, tau, evals[..., -1].clamp(min=0.0))
-        u = torch.where(ok[..., None], u, evecs[..., -1])
-    return tau, u
+    if bool(ok.all()):
+        return tau, sharpened
+    evals, evecs = torch.linalg.eigh(G)
+    tau = torch.where(ok, tau, evals[..., -1].clamp(min=0.0))
+    return tau, torch.where(ok.unsqueeze(-1), sharpened, evecs[..., -1])
 
 
 def _gram(matrix: Tensor) -> Tensor:
@@ -174,7 +176,7 @@ class LipschitzConv2d(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
         if self.controlled:
             n = min(out_channels, in_channels * kernel_size * kernel_size)
-            self.register_buffer("u", torch.full((n,), 1.0 / math.sqrt(n)))
+            self.register_buffer("u", torch.empty(n))
         self.reset_parameters()
 
     @property
@@ -193,9 +195,8 @@ class LipschitzConv2d(nn.Module):
             bound = 1.0 / math.sqrt(self.in_channels * self.kernel_size**2)
             nn.init.uniform_(self.bias, -bound, bound, generator=generator)
         if self.controlled:
-            # Start the warm start at the exact top singular vector so no forward runs cold.
-            with torch.no_grad():
-                self.u.copy_(torch.linalg.eigh(_gram(self.weight.flatten(1)))[1][:, -1])
+            # Uniform start; where it does not certify at the first forward, eigh takes over.
+            nn.init.constant_(self.u, 1.0 / math.sqrt(self.u.numel()))
 
     def _current_sigma(self) -> Tensor:
         """Certified σ(W̄) of the current free weight; refreshes the warm start ``u``."""

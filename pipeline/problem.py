@@ -1,4 +1,4 @@
-"""One restoration problem: a task's forward operator, its observation and, when known, the clean image.
+"""One restoration problem: a forward operator, its observation and, when known, the clean image.
 
 Two ways in, sharing the cropping rules (every network output is a multiple of 32 = 2^depth):
 

@@ -4,14 +4,15 @@ Layout of ``params.yaml`` (each stage reads its own section)::
 
     profile: cpu                  # which file of profiles/ params.yaml was made from
     data:    {source, root, resize, crop}        # prepare
-    tasks:   {<task>: {images, <degradation>, fit}}   # prepare (degradation), optimize (fit)
+    tasks:   {<task>: {images, observe, fit}}    # prepare (images, observe), optimize (fit)
     fit:     {...}                # optimize: pipeline.fit.FitConfig + pipeline.model.DecoderConfig
     methods: {<method>: {...}}    # optimize: the three compared methods
     sweeps:  {...}                # optimize (λ and σ sweeps for the figures)
     evaluate: {...}               # evaluate: stopping rules applied to the logged curves
 
 The fit of one (task, method) merges, later winning: ``fit`` < ``tasks.<task>.fit`` <
-``methods.<method>``, where a method's ``lam: task`` takes the task's λ for that upsampler.
+``methods.<method>``, where a method's ``lam: task`` takes the task's λ for that upsampler and a
+setting ``tuned`` the image's value from ``tuned/<task>/<variant>/<image>/values.yaml``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ PARAMS_FILE = "params.yaml"
 PROFILES_DIR = "profiles"
 TASK_VARIANTS = {"denoising": "sigma", "deblocking": "quality", "sr": "factor"}
 """The degradation parameter a task is swept over (one observation per value)."""
+VARIANT_LISTS = {"sigma": "sigmas", "quality": "qualities", "factor": "factors"}
+"""The params.yaml key of ``tasks.<task>`` listing a variant parameter's values."""
+TUNED = Path("tuned")
+TUNED_VALUES = "values.yaml"
+TUNED_VALUE = "tuned"
+"""A setting whose value is ``tuned`` takes the image's tuned value (``sdip tune``)."""
 
 
 def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -59,7 +66,7 @@ def section(params: dict[str, Any], *keys: str) -> Any:
 
 
 def variant_name(task: str, value: object | None) -> str:
-    """Folder name of one observation variant: ``sigma25``, ``quality10``, ``factor4``, ``default``."""
+    """Folder of one observation variant: ``sigma25``, ``quality10``, ``factor4``, ``default``."""
     key = TASK_VARIANTS.get(task)
     if key is None or value is None:
         return "default"
@@ -67,27 +74,70 @@ def variant_name(task: str, value: object | None) -> str:
     return f"{key}{text}"
 
 
+def parse_variant(task: str, text: str | None) -> object | None:
+    """A variant named on the command line by its value (``25``) or its folder (``sigma25``)."""
+    if text is None or text == "default":
+        return None
+    key = TASK_VARIANTS.get(task)
+    if key is not None and text.startswith(key):
+        text = text[len(key) :]
+    return yaml.safe_load(text)
+
+
+def tuned_values_path(task: str, variant: str, image: str, root: Path = TUNED) -> Path:
+    """Where ``sdip tune`` writes, and a ``tuned`` setting reads, one image's tuned values:
+    ``tuned/<task>/<variant>/<image>/values.yaml``."""
+    return root / task / variant / image / TUNED_VALUES
+
+
 def task_variants(params: dict[str, Any], task: str) -> list[object | None]:
     """The values of the task's variant parameter (``[None]`` for tasks with one variant)."""
     key = TASK_VARIANTS.get(task)
     if key is None:
         return [None]
-    values = section(params, "tasks", task).get(f"{key}s")
+    values = (section(params, "tasks", task).get("observe") or {}).get(VARIANT_LISTS[key])
     if not isinstance(values, list) or not values:
-        raise UserError(f"params.yaml tasks.{task}.{key}s must be a non-empty list")
+        raise UserError(
+            f"params.yaml tasks.{task}.observe.{VARIANT_LISTS[key]} must be a non-empty list"
+        )
     return values
 
 
-def fit_settings(params: dict[str, Any], task: str, method: str) -> dict[str, Any]:
-    """The flat fit settings of one (task, method): ``fit`` < task's ``fit`` < method."""
+def fit_settings(
+    params: dict[str, Any],
+    task: str,
+    method: str,
+    image: str | None = None,
+    variant: str = "default",
+    overrides: dict[str, Any] | None = None,
+    tuned_root: Path = TUNED,
+) -> dict[str, Any]:
+    """The flat fit settings of one (task, method): ``fit`` < task's ``fit`` < method <
+    ``overrides``. A value ``task`` of λ takes the task's λ for the method's upsampler; a value
+    ``tuned`` of any setting takes the image's tuned value (:func:`tuned_values_path`)."""
     task_fit = dict(section(params, "tasks", task).get("fit") or {})
-    method_values = dict(section(params, "methods", method))
+    method_values = {**dict(section(params, "methods", method)), **(overrides or {})}
     lam_key = "lam_gaussian" if method_values.get("upsample") == "gaussian" else "lam"
     lam_gaussian = task_fit.pop("lam_gaussian", None)
     if method_values.get("lam") == "task":
         method_values["lam"] = lam_gaussian if lam_key == "lam_gaussian" else task_fit.get("lam")
         if method_values["lam"] is None:
             raise UserError(f"params.yaml tasks.{task}.fit has no {lam_key} for method {method}")
+    wanted = [key for key, value in method_values.items() if value == TUNED_VALUE]
+    if wanted:
+        if image is None:
+            raise UserError(f"method {method} uses tuned {', '.join(wanted)}: name the image")
+        path = tuned_values_path(task, variant, image, tuned_root)
+        if not path.is_file():
+            raise UserError(
+                f"method {method} uses tuned {', '.join(wanted)} but {path} does not exist "
+                f"(run: sdip tune {task} {image} --variant {variant})"
+            )
+        tuned = load_yaml(path)
+        for key in wanted:
+            if key not in tuned:
+                raise UserError(f"{path} has no tuned {key} (tuned: {', '.join(tuned)})")
+            method_values[key] = tuned[key]
     return {**dict(section(params, "fit")), **task_fit, **method_values}
 
 

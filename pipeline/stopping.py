@@ -34,7 +34,9 @@ def _check_window(window: int, eps: float) -> None:
         raise UserError(f"stopping epsilon must be positive, got {eps}")
 
 
-def ratio_rule(ratios: np.ndarray, window: int = RATIO_WINDOW, eps: float = RATIO_EPS) -> int | None:
+def ratio_rule(
+    ratios: np.ndarray, window: int = RATIO_WINDOW, eps: float = RATIO_EPS
+) -> int | None:
     """First index ``i`` at which the ratio rule fires (Shi et al. 2022, Eq. 8).
 
     At ``i > 2n`` with ``m1 = mean(r[i-2n : i-n])`` and ``m2 = mean(r[i-n+1 : i])`` the rule fires
@@ -101,7 +103,9 @@ class OnlineRatioRule:
     with ``torch.where`` and read the flag only when it syncs anyway.
     """
 
-    def __init__(self, window: int = RATIO_WINDOW, eps: float = RATIO_EPS, device: str | torch.device = "cpu"):
+    def __init__(
+        self, window: int = RATIO_WINDOW, eps: float = RATIO_EPS, device: str | torch.device = "cpu"
+    ):
         _check_window(window, eps)
         self.window = window
         self.eps = eps

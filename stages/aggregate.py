@@ -16,14 +16,16 @@ import numpy as np
 
 from pipeline.evaluation import rule_stops
 from pipeline.figures import automatic_stop, restoration_grid, sweep
+from pipeline.imageio import write_bytes_atomic
 from pipeline.results import CURVES_FILE, read_curves, write_json
 from pipeline.settings import load_params, load_yaml, section
 from pipeline.tables import markdown, read_csv, write_csv
-from pipeline.imageio import write_bytes_atomic
+from pipeline.tracking import stage_run
 from stages.evaluate import RESULTS
 from stages.optimize import RUNS
 
 PUBLISHED = Path("dataset") / "published.yaml"
+SUMMARY_EXPERIMENT = "summary"
 TABLE_METRICS = ("psnr_ratio", "psnr_final", "psnr_oracle", "ratio_iteration")
 
 
@@ -31,14 +33,18 @@ def _float(text: str) -> float | None:
     return float(text) if text not in ("", None) else None
 
 
-def task_table(rows: list[dict[str, str]], methods: list[str], published: dict[str, Any]) -> list[dict[str, Any]]:
+def task_table(
+    rows: list[dict[str, str]], methods: list[str], published: dict[str, Any]
+) -> list[dict[str, Any]]:
     """One row per (variant, set, image) and a mean row per (variant, set): each method's PSNR at
     the ratio stop, at the budget and at the oracle peak, its stop iteration, and the published
     DIP number with our DIP baseline's oracle PSNR minus it."""
     table: list[dict[str, Any]] = []
     groups: dict[tuple[str, str], dict[str, dict[str, dict[str, str]]]] = {}
     for row in rows:
-        groups.setdefault((row["variant"], row["set"]), {}).setdefault(row["image"], {})[row["method"]] = row
+        groups.setdefault((row["variant"], row["set"]), {}).setdefault(row["image"], {})[
+            row["method"]
+        ] = row
     for (variant, image_set), images in sorted(groups.items()):
         ref = published.get(variant, {}).get(image_set, {})
         for image, by_method in sorted(images.items()):
@@ -50,36 +56,54 @@ def task_table(rows: list[dict[str, str]], methods: list[str], published: dict[s
             line["published_DIP"] = ref.get("images", {}).get(image)
             table.append(line)
         mine = [line for line in table if (line["variant"], line["set"]) == (variant, image_set)]
-        mean: dict[str, Any] = {"variant": variant, "set": image_set, "image": "mean",
-                                "protocol": mine[0]["protocol"]}
+        mean: dict[str, Any] = {
+            "variant": variant,
+            "set": image_set,
+            "image": "mean",
+            "protocol": mine[0]["protocol"],
+        }
         for key in mine[0]:
             if "." in key:
                 values = [line[key] for line in mine if line[key] is not None]
                 mean[key] = float(np.mean(values)) if values else None
         mean["published_DIP"] = ref.get("mean", {}).get("DIP")
-        mean["published_other"] = ", ".join(
-            f"{name} {value}" for name, value in ref.get("mean", {}).items() if name != "DIP"
-        ) or None
+        mean["published_other"] = (
+            ", ".join(
+                f"{name} {value}" for name, value in ref.get("mean", {}).items() if name != "DIP"
+            )
+            or None
+        )
         table.append(mean)
     for line in table:
         ours = line.get("dip.psnr_oracle")
         line["dip_oracle_minus_published"] = (
-            None if ours is None or line.get("published_DIP") is None else ours - line["published_DIP"]
+            None
+            if ours is None or line.get("published_DIP") is None
+            else ours - line["published_DIP"]
         )
     return table
 
 
-def phenomena(evaluation: list[dict[str, str]], fbc: list[dict[str, str]], settings: dict[str, Any]) -> dict[str, Any]:
+def phenomena(
+    evaluation: list[dict[str, str]], fbc: list[dict[str, str]], settings: dict[str, Any]
+) -> dict[str, Any]:
     """The paper's phenomena, measured on ``settings['task']``: the baseline decays from its peak,
     the Lipschitz method does not, the ratio rule stops early near the peak, and FBC band 1 reaches
     0.9 before the highest band."""
     task, base, controlled = settings["task"], settings["baseline"], settings["controlled"]
     rows = [r for r in evaluation if r["task"] == task]
-    drop = {m: [float(r["drop_from_peak"]) for r in rows if r["method"] == m] for m in (base, controlled)}
+    drop = {
+        m: [float(r["drop_from_peak"]) for r in rows if r["method"] == m]
+        for m in (base, controlled)
+    }
     stops = [r for r in rows if r["method"] == controlled]
-    early = [r["ratio_iteration"] != "" and int(r["ratio_iteration"]) < int(r["budget"]) for r in stops]
+    early = [
+        r["ratio_iteration"] != "" and int(r["ratio_iteration"]) < int(r["budget"]) for r in stops
+    ]
     gaps = [float(r["stop_gap"]) for r in stops]
-    bands = sorted({int(k[4 : k.index("_")]) for k in fbc[0] if k.startswith("band")}) if fbc else [1]
+    bands = (
+        sorted({int(k[4 : k.index("_")]) for k in fbc[0] if k.startswith("band")}) if fbc else [1]
+    )
     order = []
     for r in (r for r in fbc if r["task"] == task and r["method"] == base):
         low, high = _float(r["band1_reaches_0.9"]), _float(f"{r[f'band{bands[-1]}_reaches_0.9']}")
@@ -94,10 +118,12 @@ def phenomena(evaluation: list[dict[str, str]], fbc: list[dict[str, str]], setti
     }
     result["checks"] = {
         f"baseline falls >= {settings['min_baseline_drop']} dB below its peak": bool(
-            result["baseline_drop_db"] is not None and result["baseline_drop_db"] >= settings["min_baseline_drop"]
+            result["baseline_drop_db"] is not None
+            and result["baseline_drop_db"] >= settings["min_baseline_drop"]
         ),
         f"{controlled} falls <= {settings['max_controlled_drop']} dB below its peak": bool(
-            result["controlled_drop_db"] is not None and result["controlled_drop_db"] <= settings["max_controlled_drop"]
+            result["controlled_drop_db"] is not None
+            and result["controlled_drop_db"] <= settings["max_controlled_drop"]
         ),
         "ratio rule stops before the budget": bool(early) and all(early),
         f"ratio stop within {settings['max_stop_gap']} dB of the oracle peak": bool(gaps)
@@ -123,7 +149,8 @@ def _sweep_figures(params: dict[str, Any]) -> None:
 
 @click.command("aggregate")
 @click.option("--params", "params_file", default="params.yaml", show_default=True)
-def aggregate_command(params_file: str) -> None:
+@click.option("--track/--no-track", default=True, show_default=True, help="Log to MLflow.")
+def aggregate_command(params_file: str, track: bool) -> None:
     """Write the per-task tables, the phenomena check and the summary figures."""
     params = load_params(params_file)
     settings = section(params, "aggregate")
@@ -134,7 +161,9 @@ def aggregate_command(params_file: str) -> None:
     published = load_yaml(PUBLISHED)
     report = []
     for task in sorted({r["task"] for r in evaluation}):
-        table = task_table([r for r in evaluation if r["task"] == task], methods, published.get(task, {}))
+        table = task_table(
+            [r for r in evaluation if r["task"] == task], methods, published.get(task, {})
+        )
         write_csv(RESULTS / "tables" / f"{task}.csv", table)
         text = markdown(table, list(table[0]))
         write_bytes_atomic(RESULTS / "tables" / f"{task}.md", text.encode())
@@ -143,20 +172,42 @@ def aggregate_command(params_file: str) -> None:
     write_json(RESULTS / "phenomena.json", found)
     lines = [f"- [{'x' if ok else ' '}] {name}" for name, ok in found["checks"].items()]
     summary = {k: v for k, v in found.items() if k != "checks"}
-    phenomena_text = "\n".join(lines) + "\n\n" + "\n".join(f"- {k}: {v}" for k, v in summary.items()) + "\n"
+    phenomena_text = (
+        "\n".join(lines) + "\n\n" + "\n".join(f"- {k}: {v}" for k, v in summary.items()) + "\n"
+    )
     write_bytes_atomic(RESULTS / "phenomena.md", phenomena_text.encode())
     _sweep_figures(params)
     grid = []
     for task in sorted({r["task"] for r in evaluation}):
-        row = next(r for r in evaluation if r["task"] == task and r["method"] == settings["grid_method"])
+        row = next(
+            r for r in evaluation if r["task"] == task and r["method"] == settings["grid_method"]
+        )
         folder = RUNS / task / row["variant"] / row["image"] / row["method"]
-        grid.append((f"{task} {row['variant']}", folder / "observation.png",
-                     folder / "restored_stop.png", folder / "clean.png"))
+        grid.append(
+            (
+                f"{task} {row['variant']}",
+                folder / "observation.png",
+                folder / "restored_stop.png",
+                folder / "clean.png",
+            )
+        )
         if task == settings["phenomena"]["task"]:
             curves = read_curves(folder / CURVES_FILE)
-            automatic_stop(curves, rule_stops(curves, rules)["ratio"],
-                           f"{task} {row['image']} ({row['method']}): ratio rule stop",
-                           RESULTS / "figures" / "automatic_stop.png")
+            automatic_stop(
+                curves,
+                rule_stops(curves, rules)["ratio"],
+                f"{task} {row['image']} ({row['method']}): ratio rule stop",
+                RESULTS / "figures" / "automatic_stop.png",
+            )
     restoration_grid(grid, RESULTS / "figures" / "restorations.png")
+    if track:
+        tags = {"profile": params.get("profile", "custom"), "dvc_stage": "aggregate"}
+        with stage_run(SUMMARY_EXPERIMENT, "aggregate", tags) as (mlflow, _, run_id):
+            for path in sorted((RESULTS / "figures").rglob("*.png")):
+                folder = path.parent.relative_to(RESULTS).as_posix()
+                mlflow.log_artifact(run_id, str(path), folder)
+            for path in sorted((RESULTS / "tables").glob("*")):
+                mlflow.log_artifact(run_id, str(path), "tables")
+            mlflow.log_artifact(run_id, str(RESULTS / "phenomena.md"))
     click.echo("\n".join(report))
     click.echo("Phenomena (" + found["task"] + "):\n" + phenomena_text)

@@ -27,13 +27,14 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from stages import aggregate, evaluate, fbc, fit, optimize, prepare, profile
+    from stages import aggregate, evaluate, fbc, fit, optimize, prepare, profile, tune
 
     for command in (
         fit.fit_command,
         profile.profile_command,
         prepare.prepare_command,
         optimize.optimize_command,
+        tune.tune_command,
         fbc.fbc_command,
         evaluate.evaluate_command,
         aggregate.aggregate_command,

@@ -36,7 +36,9 @@ def evaluate_command(params_file: str) -> None:
     for name, methods in metrics.items():
         task, variant = name.split("/")
         for method, values in methods.items():
-            mine = [r for r in rows if (r["task"], r["variant"], r["method"]) == (task, variant, method)]
+            mine = [
+                r for r in rows if (r["task"], r["variant"], r["method"]) == (task, variant, method)
+            ]
             for key in ("psnr_ratio", "psnr_final", "psnr_oracle", "ratio_saved", "wall_time_s"):
                 values[key] = round(float(np.mean([r[key] for r in mine])), 4)
     write_json(RESULTS / "metrics.json", metrics)

@@ -42,20 +42,31 @@ def _csv_floats(text: str | None) -> tuple[float, ...] | None:
 @click.argument("task", type=click.Choice(sorted(TASK_DEFAULTS)))
 @click.argument("image", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--out-dir", type=click.Path(file_okay=False, path_type=Path), required=True)
-@click.option("--observed", "is_observed", is_flag=True,
-              help="IMAGE is already degraded (a real photo); otherwise it is clean and degraded here.")
+@click.option(
+    "--observed",
+    "is_observed",
+    is_flag=True,
+    help="IMAGE is already degraded (a real photo); otherwise it is clean and degraded here.",
+)
 @click.option("--sigma", type=float, help="Noise level on the 0–255 scale (denoising; default 25).")
 @click.option("--quality", type=int, help="JPEG quality (deblocking; default 10).")
-@click.option("--p", type=float, help="Kept fraction of a Bernoulli mask (inpainting; default 0.5).")
-@click.option("--mask", type=click.Path(dir_okay=False, path_type=Path),
-              help="Inpainting mask (.h5 dataset 'mask' or an image, 1/white = kept).")
+@click.option(
+    "--p", type=float, help="Kept fraction of a Bernoulli mask (inpainting; default 0.5)."
+)
+@click.option(
+    "--mask",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Inpainting mask (.h5 dataset 'mask' or an image, 1/white = kept).",
+)
 @click.option("--factor", type=int, help="Super-resolution factor (sr; default 4).")
 @click.option("--channels", type=click.Choice(["1", "3"]), help="Force grey (1) or RGB (3).")
 @click.option("--iterations", type=int, help="Iteration budget (task default).")
 @click.option("--lr", type=float, help="Adam learning rate (default 0.001).")
 @click.option("--width", type=int, help="Decoder channels (default 128).")
 @click.option("--depth", type=int, help="Upsampling blocks (default 5).")
-@click.option("--lam", type=float, help="Lipschitz bound λ; ≤ 0 is the DIP baseline (task default).")
+@click.option(
+    "--lam", type=float, help="Lipschitz bound λ; ≤ 0 is the DIP baseline (task default)."
+)
 @click.option("--upsample", type=click.Choice(["bilinear", "nearest", "deconv", "gaussian"]))
 @click.option("--gauss-sigma", help="Gaussian upsampling σ per block, comma-separated.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -90,7 +101,9 @@ def fit_command(
     bar, update = progress_callback(config.iterations)
     with bar:
         result = fit(problem.observation, problem.task, config, [update], clean=problem.clean)
-    summary = write_result(out_dir, problem, result, {"image": str(image), "task_params": task_params})
+    summary = write_result(
+        out_dir, problem, result, {"image": str(image), "task_params": task_params}
+    )
     stop = summary["stop_iteration"]
     line = f"{task} {image.name}: {result.iterations_run} iterations in {result.wall_time:.1f} s"
     line += f", ratio rule stop at {stop}" if stop is not None else ", ratio rule did not fire"

@@ -1,4 +1,4 @@
-"""``sdip optimize TASK IMAGE METHOD``: one fit of one prepared observation (DVC stage ``optimize``).
+"""``sdip optimize TASK IMAGE METHOD``: one fit of one prepared observation (DVC ``optimize_*``).
 
 Reads ``fit``, ``tasks.TASK.fit`` and ``methods.METHOD`` from params.yaml, fits the prepared
 observation ``data/prepared/TASK/<variant>/IMAGE`` and writes ``runs/TASK/<variant>/IMAGE/METHOD``
@@ -15,7 +15,7 @@ import yaml
 from pipeline.fit import FitConfig, fit
 from pipeline.observations import read_observation
 from pipeline.results import write_result
-from pipeline.settings import fit_settings, load_params, variant_name
+from pipeline.settings import fit_settings, load_params, parse_variant, variant_name
 from pipeline.tracking import log_fit_run, stage_run
 from stages.fit import progress_callback
 from stages.prepare import PREPARED
@@ -38,7 +38,7 @@ def _overrides(values: tuple[str, ...]) -> dict[str, object]:
 @click.argument("task")
 @click.argument("image")
 @click.argument("method")
-@click.option("--variant", "variant_value", help="The task's variant value (σ, quality, factor).")
+@click.option("--variant", "variant_value", help="The variant: its value (25) or folder (sigma25).")
 @click.option("--set", "overrides", multiple=True, help="Override a fit setting: KEY=VALUE.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--params", "params_file", default="params.yaml", show_default=True)
@@ -57,10 +57,10 @@ def optimize_command(
 ) -> None:
     """Fit METHOD to the prepared observation of IMAGE for TASK."""
     params = load_params(params_file)
-    value = None if variant_value is None else yaml.safe_load(variant_value)
+    value = parse_variant(task, variant_value)
     variant = variant_name(task, value)
     problem, meta = read_observation(PREPARED / task / variant / image)
-    settings = {**fit_settings(params, task, method), **_overrides(overrides)}
+    settings = fit_settings(params, task, method, image, variant, _overrides(overrides))
     config = FitConfig.from_dict(settings)
     out = out_dir or RUNS / task / variant / image / method
     bar, update = progress_callback(config.iterations)
@@ -99,5 +99,6 @@ def optimize_command(
     click.echo(
         f"{task}/{variant}/{image}/{method}: {result.iterations_run} it, "
         f"{result.wall_time:.1f} s, stop {summary['stop_iteration']}, "
-        f"PSNR stop {summary['psnr_stop']}, final {summary['psnr_final']}, best {summary['psnr_best']}"
+        f"PSNR stop {summary['psnr_stop']}, final {summary['psnr_final']}, "
+        f"best {summary['psnr_best']}"
     )

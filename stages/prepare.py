@@ -1,6 +1,8 @@
 """``sdip prepare TASK``: freeze the observations of one task (DVC stage ``prepare``).
 
-Reads ``data`` and ``tasks.TASK`` from params.yaml; for every variant (σ, JPEG quality, SR factor)
+Reads ``data``, ``tasks.TASK.images`` and ``tasks.TASK.observe`` from params.yaml (the
+degradation, its variants, the image ``set`` folders, ``channels``, and ``resize``/``crop``
+winning over ``data``'s); for every variant (σ, JPEG quality, SR factor)
 and image writes ``data/prepared/TASK/<variant>/<image>/`` (see :mod:`pipeline.observations`).
 """
 
@@ -24,7 +26,7 @@ DEGRADATION_KEYS = {
     "sr": ("phase",),
     "enhancement": ("gain", "signed"),
 }
-"""The keys of ``tasks.<task>`` passed to the task's degradation (besides its variant)."""
+"""The keys of ``tasks.<task>.observe`` passed to the task's degradation (besides its variant)."""
 
 
 @click.command("prepare")
@@ -35,12 +37,13 @@ def prepare_command(task: str, params_file: str, out_root: str) -> None:
     """Make and store the frozen observations of TASK for every image and variant."""
     params = load_params(params_file)
     data = section(params, "data")
-    settings = section(params, "tasks", task)
-    images = resolve_images(data, settings.get("set", task), list(section(settings, "images")))
+    names = list(section(params, "tasks", task, "images"))
+    observe = dict(section(params, "tasks", task).get("observe") or {})
+    images = resolve_images(data, observe.get("set", task), names)
     masks = None
-    if task == "inpainting" and settings.get("masks"):
-        masks = {m.name: m for m in resolve_images(data, settings["masks"], [i.name for i in images])}
-    base = {k: settings[k] for k in DEGRADATION_KEYS[task] if k in settings}
+    if task == "inpainting" and observe.get("masks"):
+        masks = {m.name: m for m in resolve_images(data, observe["masks"], names)}
+    base = {k: observe[k] for k in DEGRADATION_KEYS[task] if k in observe}
     count = 0
     for value in task_variants(params, task):
         degradation = dict(base)
@@ -52,9 +55,9 @@ def prepare_command(task: str, params_file: str, out_root: str) -> None:
                 image.path,
                 degradation,
                 mask_path=None if masks is None else masks[image.name].path,
-                channels=settings.get("channels"),
-                short_side=data.get("resize"),
-                crop=data.get("crop"),
+                channels=observe.get("channels"),
+                short_side=observe.get("resize", data.get("resize")),
+                crop=observe.get("crop", data.get("crop")),
             )
             folder = Path(out_root) / task / variant_name(task, value) / image.name
             meta = {

@@ -19,8 +19,11 @@ HEADER = "# Made by `sdip profile {name}` from profiles/{name}.yaml; edit here o
 
 @click.command("profile")
 @click.argument("name")
-@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path),
-              help="Folder holding the paper's data sets (sets data.root).")
+@click.option(
+    "--data-root",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder holding the paper's data sets (sets data.root).",
+)
 def profile_command(name: str, data_root: Path | None) -> None:
     """Switch params.yaml to the profile NAME (cpu, paper, ...)."""
     source = Path(PROFILES_DIR) / f"{name}.yaml"

@@ -1,4 +1,4 @@
-"""Stopping rules: the ratio rule of Eq. 8 (with its window quirk), oracle, ES-WMV/EMV, online form."""
+"""Stopping rules: ratio rule of Eq. 8 (with its window quirk), oracle, ES-WMV/EMV, online form."""
 
 import numpy as np
 import pytest

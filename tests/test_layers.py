@@ -1,0 +1,284 @@
+"""Lipschitz-controlled convolution (method.md §2) and the ×2 upsamplers (§1, §3)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from pipeline import lipschitz
+from pipeline.errors import UserError
+from pipeline.lipschitz import LipschitzConv2d, certified_sigma
+from pipeline.upsample import (
+    CHUNK_MIN_PIXELS,
+    UPSAMPLE_KINDS,
+    GaussianUpsample,
+    gaussian_kernel_2d,
+    gaussian_upsample_naive,
+    make_upsampler,
+)
+
+
+def exact_sigma(weight: torch.Tensor) -> float:
+    """Largest singular value of the reshaped weight, float64."""
+    return torch.linalg.matrix_norm(weight.detach().flatten(1).double(), ord=2).item()
+
+
+def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float) -> None:
+    """‖actual − expected‖ ≤ rtol·‖expected‖ (σ̂ may exceed σ by 5e-5 relative, by design)."""
+    assert (actual - expected).norm() <= rtol * expected.norm()
+
+
+def reference_conv(layer: LipschitzConv2d, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    pad = (layer.kernel_size - 1) // 2
+    return F.conv2d(F.pad(x, (pad,) * 4, mode="reflect"), weight, layer.bias)
+
+
+# --- Lipschitz convolution -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lam", [0.5, 1.4, 3.0])
+def test_sigma_exact_and_bound_at_every_adam_step(lam: float) -> None:
+    torch.manual_seed(0)
+    layer = LipschitzConv2d(6, 10, 3, lam=lam)
+    optimizer = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    x = torch.randn(2, 6, 13, 17)
+    target = 3.0 * torch.randn(2, 10, 13, 17)
+    sigmas = []
+    for _ in range(30):
+        exact = exact_sigma(layer.weight)
+        sigmas.append(exact)
+        expected = reference_conv(layer, x, layer.weight / max(1.0, exact / lam))
+        out = layer(x)
+        # The forward used σ of the current weights: output matches W̄ / max(1, σ_exact/λ).
+        assert_rel_close(out, expected, 1e-4)
+        sigma_hat = layer.sigma_max().item()
+        assert abs(sigma_hat - exact) <= 1e-4 * exact
+        assert sigma_hat >= exact * (1 - 1e-6)  # an upper bound, up to float32 Gram rounding
+        optimizer.zero_grad()
+        F.mse_loss(out, target).backward()
+        optimizer.step()
+        assert exact_sigma(layer.effective_weight()) <= lam + 1e-5
+    # The weights really moved, through and across the bound.
+    assert max(sigmas) - min(sigmas) > 0.1
+
+
+def test_certificate_falls_back_when_warm_start_is_wrong() -> None:
+    # Two nearly equal top singular values and a warm start exactly on the second one: a plain
+    # power iteration stays there (σ₂ = 0.999), the certificate must reject it.
+    generator = torch.Generator().manual_seed(1)
+    U, _ = torch.linalg.qr(torch.randn(8, 8, generator=generator, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(30, 8, generator=generator, dtype=torch.float64))
+    s = torch.tensor([1.0, 0.999, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05], dtype=torch.float64)
+    matrix = (U * s) @ V.T
+    sigma, u = certified_sigma(matrix, U[:, 1], 4, 5e-5)
+    assert sigma.item() == pytest.approx(1.0, rel=1e-12)
+    assert abs(abs(u @ U[:, 0]).item() - 1.0) < 1e-10
+
+
+def test_certified_sigma_batches_under_vmap() -> None:
+    generator = torch.Generator().manual_seed(2)
+    matrices = torch.randn(4, 5, 12, generator=generator)
+    starts = torch.randn(4, 5, generator=generator)
+    batched, _ = vmap(certified_sigma, in_dims=(0, 0, None, None))(matrices, starts, 4, 5e-5)
+    exact = torch.linalg.matrix_norm(matrices.double(), ord=2)
+    assert torch.all((batched - exact).abs() <= 5e-5 * exact)
+
+
+def test_plain_layer_is_nn_conv2d_and_computes_no_norm(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    layer = LipschitzConv2d(4, 7, 3, lam=0.0)
+
+    def forbidden(*args: object) -> None:
+        raise AssertionError("a norm was computed for lam <= 0")
+
+    monkeypatch.setattr(lipschitz, "certified_sigma", forbidden)
+    conv = nn.Conv2d(4, 7, 3)
+    conv.load_state_dict(layer.state_dict())
+    x = torch.randn(1, 4, 13, 17)
+    torch.testing.assert_close(layer(x), conv(F.pad(x, (1, 1, 1, 1), mode="reflect")))
+    assert "u" not in layer.state_dict()
+
+
+def test_gradient_treats_sigma_as_constant() -> None:
+    torch.manual_seed(0)
+    lam = 0.7
+    layer = LipschitzConv2d(3, 5, 3, lam=lam)
+    x = torch.randn(1, 3, 13, 17)
+    target = torch.randn(1, 5, 13, 17)
+    F.mse_loss(layer(x), target).backward()
+
+    weight = layer.weight.detach().clone().requires_grad_()
+    sigma = exact_sigma(weight)
+    assert sigma > lam  # the control is active
+    F.mse_loss(reference_conv(layer, x, weight / (sigma / lam)), target).backward()
+    assert_rel_close(layer.weight.grad, weight.grad, 2e-4)
+
+    # Differentiating through σ gives a clearly different gradient, so the check above can fail.
+    through = layer.weight.detach().clone().requires_grad_()
+    norm = torch.linalg.matrix_norm(through.flatten(1), ord=2)
+    F.mse_loss(reference_conv(layer, x, through * lam / norm), target).backward()
+    assert (through.grad - weight.grad).norm() > 0.05 * weight.grad.norm()
+
+
+@pytest.mark.parametrize("kernel_size", [1, 3, 5])
+@pytest.mark.parametrize("padding", ["reflection", "zeros"])
+def test_output_keeps_odd_spatial_size(kernel_size: int, padding: str) -> None:
+    layer = LipschitzConv2d(2, 3, kernel_size, lam=1.0, padding=padding)
+    assert layer(torch.randn(1, 2, 13, 17)).shape == (1, 3, 13, 17)
+
+
+def test_zeros_padding_matches_conv_with_zero_padding() -> None:
+    torch.manual_seed(0)
+    layer = LipschitzConv2d(2, 3, 3, lam=0.0, padding="zeros")
+    x = torch.randn(1, 2, 13, 17)
+    torch.testing.assert_close(layer(x), F.conv2d(x, layer.weight, layer.bias, padding=1))
+
+
+def test_kaiming_uniform_init() -> None:
+    layer = LipschitzConv2d(16, 32, 3, lam=1.0)
+    bound = math.sqrt(6.0 / (16 * 9))
+    assert layer.weight.abs().max() <= bound
+    assert layer.weight.std().item() == pytest.approx(bound / math.sqrt(3.0), rel=0.05)
+    assert layer.bias.abs().max() <= 1.0 / math.sqrt(16 * 9)
+
+
+def test_state_dict_round_trip_and_eval_equals_train() -> None:
+    torch.manual_seed(0)
+    layer = LipschitzConv2d(3, 4, 3, lam=0.5)
+    optimizer = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    x = torch.randn(1, 3, 13, 17)
+    for _ in range(3):
+        optimizer.zero_grad()
+        layer(x).square().mean().backward()
+        optimizer.step()
+    clone = LipschitzConv2d(3, 4, 3, lam=0.5)
+    clone.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(clone.u, layer.u)
+    torch.testing.assert_close(clone.eval()(x), layer.train()(x), rtol=1e-4, atol=1e-6)
+
+
+def test_layer_batches_with_functional_call_and_vmap() -> None:
+    layers = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        layers.append(LipschitzConv2d(3, 4, 3, lam=0.6))
+    params, buffers = stack_module_state(layers)
+    base = copy.deepcopy(layers[0]).to("meta")
+    x = torch.randn(1, 3, 13, 17)
+
+    def run(p: dict, b: dict) -> torch.Tensor:
+        return functional_call(base, (p, b), (x,))
+
+    batched = vmap(run)(params, buffers)
+    torch.testing.assert_close(batched, torch.stack([layer(x) for layer in layers]))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"kernel_size": 2}, "kernel_size"),
+        ({"padding": "circular"}, "circular"),
+        ({"in_channels": 0}, "channel"),
+    ],
+)
+def test_layer_user_errors(kwargs: dict, message: str) -> None:
+    args = {"in_channels": 2, "out_channels": 2, "kernel_size": 3, "lam": 1.0} | kwargs
+    with pytest.raises(UserError, match=message):
+        LipschitzConv2d(**args)
+
+
+# --- Gaussian upsampling ---------------------------------------------------------------------
+
+
+def numpy_kernel(sigma: float) -> np.ndarray:
+    """Direct transcription of method.md §3: 1-based i, j in 1..5, c = 3, then normalise."""
+    kernel = np.zeros((5, 5))
+    c = 3
+    for i in range(1, 6):
+        for j in range(1, 6):
+            kernel[i - 1, j - 1] = np.exp(
+                -(((i - c) / 2) ** 2 + ((j - c) / 2) ** 2) / (2 * sigma**2)
+            )
+    return kernel / kernel.sum()
+
+
+@pytest.mark.parametrize("sigma", [0.1, 0.5, 1.0, 2.3])
+def test_kernel_matches_spec_formula(sigma: float) -> None:
+    kernel = gaussian_kernel_2d(sigma)
+    assert kernel.sum().item() == pytest.approx(1.0, abs=1e-12)
+    np.testing.assert_allclose(kernel.numpy(), numpy_kernel(sigma), rtol=1e-12, atol=1e-300)
+
+
+@pytest.mark.parametrize("sigma", [0.1, 0.5, 1.0])
+@pytest.mark.parametrize(("height", "width"), [(1, 1), (5, 7), (13, 17), (97, 101)])
+def test_gaussian_upsample_equals_naive_transposed_conv(
+    sigma: float, height: int, width: int
+) -> None:
+    # 97×101 takes the channel-chunked path (20 channels: a 16 + 4 split).
+    channels = 20 if height * width >= CHUNK_MIN_PIXELS else 3
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, channels, height, width, generator=generator, requires_grad=True)
+    up = GaussianUpsample(channels, sigma)
+    out = up(x)
+    assert out.shape == (2, channels, 2 * height, 2 * width)
+    reference = gaussian_upsample_naive(x, sigma)
+    torch.testing.assert_close(out, reference, rtol=0, atol=1e-6)
+    grad = torch.randn(out.shape, generator=generator)
+    (mine,) = torch.autograd.grad(out, x, grad)
+    (naive,) = torch.autograd.grad(reference, x, grad)
+    torch.testing.assert_close(mine, naive, rtol=0, atol=1e-5)
+
+
+def test_naive_matches_numpy_scatter() -> None:
+    # Independent transcription of the transposed convolution: each input pixel adds K, centred
+    # at (2i, 2j), into the output; padding 2 and output padding 1 crop to exactly 2H×2W.
+    sigma = 0.5
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 1, 3, 5, generator=generator, dtype=torch.float64)
+    kernel = numpy_kernel(sigma)
+    big = np.zeros((2 * 3 + 4, 2 * 5 + 4))
+    for i in range(3):
+        for j in range(5):
+            big[2 * i : 2 * i + 5, 2 * j : 2 * j + 5] += x[0, 0, i, j].item() * kernel
+    expected = big[2 : 2 + 6, 2 : 2 + 10]
+    np.testing.assert_allclose(
+        gaussian_upsample_naive(x, sigma)[0, 0].numpy(), expected, atol=1e-14
+    )
+
+
+def test_sigma_zero_is_exact_zero_insertion() -> None:
+    x = torch.randn(1, 4, 13, 17, generator=torch.Generator().manual_seed(4))
+    out = GaussianUpsample(4, 0.0)(x)
+    assert torch.equal(out[..., ::2, ::2], x)
+    mask = torch.ones_like(out, dtype=torch.bool)
+    mask[..., ::2, ::2] = False
+    assert torch.count_nonzero(out[mask]) == 0
+    # σ = 0.1 is practically zero insertion (off-centre weights ≈ 4e-6), but not exactly.
+    near = GaussianUpsample(4, 0.1)(x)
+    assert 0 < (near - out).abs().max() < 1e-4
+
+
+def test_gaussian_kernel_is_a_buffer() -> None:
+    up = GaussianUpsample(3, 0.5)
+    assert list(up.parameters()) == []
+    assert "weight" in up.state_dict()
+
+
+@pytest.mark.parametrize("kind", UPSAMPLE_KINDS)
+def test_make_upsampler_doubles_size(kind: str) -> None:
+    up = make_upsampler(kind, 6, 0.5)
+    assert up(torch.randn(1, 6, 5, 7)).shape == (1, 6, 10, 14)
+
+
+def test_make_upsampler_rejects_unknown_kind() -> None:
+    with pytest.raises(UserError, match=r"'bicubic'.*bilinear, nearest, deconv, gaussian"):
+        make_upsampler("bicubic", 4, 0.5)
+    with pytest.raises(UserError, match="sigma"):
+        make_upsampler("gaussian", 4, -0.1)

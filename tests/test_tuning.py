@@ -1,0 +1,364 @@
+"""Per-image tuning: the holdout objective, studies end to end, pruning, shared and resumed
+studies, MLflow runs, and the tuned map read back by the optimize stage."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from PIL import Image
+from skimage import data
+
+from pipeline.degradations import Denoising, Inpainting
+from pipeline.errors import UserError
+from pipeline.fit import FitConfig, fit
+from pipeline.observations import write_observation
+from pipeline.problem import simulate
+from pipeline.settings import fit_settings, load_yaml, tuned_values_path
+from pipeline.tuning import (
+    HoldoutDegradation,
+    Objective,
+    TuneConfig,
+    best_values,
+    open_study,
+    resolve_storage,
+    run_trials,
+    spearman,
+    study_report,
+)
+from stages.cli import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"iterations": 40, "width": 8, "lr": 0.01, "lam": 1.4, "device": "cpu", "log_every": 10}
+TINY_OPTIONS = ["--iterations", "40", "--width", "8", "--lr", "0.01", "--log-every", "10"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny fits gain nothing from a second thread and lose much when the cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def image_file(tmp_path: Path) -> Path:
+    """An odd-sized (67×71) grey crop of a real photo; the fits crop it to 64×64."""
+    path = tmp_path / "cam.png"
+    Image.fromarray(data.camera()[::4, ::4][20:87, 30:101]).save(path)
+    return path
+
+
+def study_of(config: TuneConfig, settings: dict, name: str = "s") -> optuna.Study:
+    study, created = open_study(name, resolve_storage("memory"), config, settings["iterations"], {})
+    assert created
+    return study
+
+
+def test_holdout_mask_is_seeded_exact_disjoint_and_left_out_of_the_loss():
+    y = torch.rand(1, 3, 45, 37, generator=torch.Generator().manual_seed(1))
+    a = HoldoutDegradation(Denoising(), y, fraction=0.1, seed=3)
+    b = HoldoutDegradation(Denoising(), y, fraction=0.1, seed=3)
+    c = HoldoutDegradation(Denoising(), y, fraction=0.1, seed=4)
+    assert int(a.held.sum()) == round(0.1 * 45 * 37)
+    assert torch.equal(a.held, b.held) and not torch.equal(a.held, c.held)
+    assert torch.equal(a.held + a.keep, torch.ones_like(a.held))
+    out = torch.rand(1, 3, 45, 37, generator=torch.Generator().manual_seed(2))
+    changed = y + 0.5 * a.held  # only held-out pixels differ
+    assert torch.equal(a.loss(out, a.observation), a.loss(out, changed * a.keep))
+    assert torch.equal(a.observation * a.held, torch.zeros_like(y))
+
+
+def test_holdout_of_inpainting_draws_only_among_kept_pixels():
+    x = torch.rand(1, 1, 41, 39, generator=torch.Generator().manual_seed(5))
+    task = Inpainting(p=0.5, seed=2)
+    y = task.observe(x)
+    wrapped = HoldoutDegradation(task, y, fraction=0.2, seed=0)
+    assert torch.equal(wrapped.held * (1 - task.mask), torch.zeros_like(wrapped.held))
+    assert int(wrapped.held.sum()) == round(0.2 * int(task.mask.sum()))
+    assert torch.equal(wrapped.keep, task.mask * (1 - wrapped.held))
+
+
+def test_holdout_psnr_matches_a_numpy_transcription():
+    y = torch.rand(1, 3, 33, 35, generator=torch.Generator().manual_seed(7))
+    out = torch.rand(1, 3, 33, 35, generator=torch.Generator().manual_seed(8))
+    wrapped = HoldoutDegradation(Denoising(), y, fraction=0.07, seed=1)
+    yn, on, h = y[0].numpy().astype(np.float64), out[0].numpy(), wrapped.held[0, 0].numpy()
+    rows, cols = np.nonzero(h)
+    mse = np.mean((on[:, rows, cols] - yn[:, rows, cols]) ** 2)
+    assert wrapped.holdout_psnr(out) == pytest.approx(10 * np.log10(1 / mse), rel=1e-5)
+
+
+def test_holdout_error_of_the_clean_image_is_the_noise_power():
+    """For white noise the held-out error of x itself is σ² (what makes it an oracle proxy)."""
+    x = torch.full((1, 1, 63, 61), 0.5)
+    task = Denoising(sigma=25, seed=3)
+    wrapped = HoldoutDegradation(task, task.observe(x), fraction=0.1, seed=0)
+    mse = 10 ** (-wrapped.holdout_psnr(x) / 10)
+    assert mse == pytest.approx((25 / 255) ** 2, rel=0.2)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"objective": "psnr"},
+        {"search": "lam,width"},
+        {"ranges": {"lam": [2, 1]}},
+        {"holdout": 1.0},
+        {"trials": 0},
+        {"pruner": "median"},
+    ],
+)
+def test_bad_tune_settings_are_user_errors(bad):
+    with pytest.raises(UserError):
+        TuneConfig.from_dict(bad)
+
+
+def test_in_memory_study_end_to_end(image_file):
+    problem = simulate("denoising", image_file, {"sigma": 25, "seed": 0})
+    config = TuneConfig.from_dict({"objective": "oracle", "prune": False, "startup_trials": 2})
+    objective = Objective(problem, TINY, config)
+    study = study_of(config, TINY)
+    run_trials(study, objective, 4)
+    report = study_report(study)
+    assert (report["trials"], report["complete"], report["pruned"]) == (4, 4, 0)
+    assert report["baseline"]["params"] == {"lam": 1.4} and report["baseline"]["trial"] == 0
+    lams = [t.params["lam"] for t in study.trials]
+    assert len(set(lams)) == 4 and all(0.3 <= v <= 3.0 for v in lams)
+    # The best value is what an independent fit with the best λ scores at its stop.
+    best = best_values(study, depth=5)
+    again = fit(
+        problem.observation,
+        problem.task,
+        FitConfig.from_dict({**TINY, "lam": best["lam"], "halt_at_stop": True}),
+        clean=problem.clean,
+    )
+    assert again.summary()["psnr_stop"] == study.best_value
+    assert study.best_value >= report["baseline"]["value"]
+
+
+def test_pruning_really_prunes_hopeless_trials(image_file):
+    problem = simulate("denoising", image_file, {"sigma": 25, "seed": 0})
+    settings = {**TINY, "iterations": 60}
+    config = TuneConfig.from_dict(
+        {
+            "objective": "oracle",
+            "ranges": {"lam": [0.01, 3.0]},
+            "prune_startup": 1,
+            "prune_warmup": 20,
+            "baseline": False,
+        }
+    )
+    objective = Objective(problem, settings, config)
+    study = study_of(config, settings)
+    for lam in (1.4, 0.02, 0.03):  # λ ≈ 0 flattens the output: hopeless
+        study.enqueue_trial({"lam": lam})
+    run_trials(study, objective, 3)
+    states = [t.state for t in study.trials]
+    assert states[0] == optuna.trial.TrialState.COMPLETE
+    assert states[1:] == [optuna.trial.TrialState.PRUNED] * 2
+    for trial in study.trials[1:]:
+        assert 20 <= trial.user_attrs["pruned_at"] < 60
+    report = study_report(study)
+    assert (report["complete"], report["pruned"]) == (1, 2)
+
+
+def test_cli_study_with_mlflow_parent_and_trial_runs(image_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    args = [
+        "tune",
+        "denoising",
+        str(image_file),
+        "--trials",
+        "3",
+        "--storage",
+        "memory",
+        "--objective",
+        "holdout",
+        "--study-name",
+        "demo",
+        "--out",
+        "out",
+        *TINY_OPTIONS,
+    ]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    values = load_yaml(tmp_path / "out" / "values.yaml")
+    assert values == {"lam": summary["best"]["params"]["lam"]}
+    rows = list(csv.DictReader((tmp_path / "out" / "trials.csv").read_text().splitlines()))
+    assert [r["state"] for r in rows] == ["COMPLETE"] * 3
+    assert all(float(r["psnr_stop"]) > 0 and float(r["holdout_psnr_stop"]) > 0 for r in rows)
+    assert summary["agreement"]["pairs"] == 3
+
+    from mlflow.tracking import MlflowClient
+
+    mlflow = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = mlflow.get_experiment_by_name("tune-denoising").experiment_id
+    runs = mlflow.search_runs([experiment])
+    parents = [r for r in runs if r.data.tags.get("stage") == "tune"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 3
+    parent = parents[0]
+    assert parent.data.tags["optuna_study"] == "demo" and parent.info.status == "FINISHED"
+    assert parent.data.metrics["complete"] == 3
+    assert sorted(int(r.data.tags["optuna_trial"]) for r in children) == [0, 1, 2]
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.data.tags["image"] == "cam" and child.data.tags["optuna_study"] == "demo"
+        history = mlflow.get_metric_history(child.info.run_id, "psnr")
+        assert [m.step for m in history] == list(range(40))
+
+
+def test_two_worker_processes_share_a_journal_study_without_losing_trials(image_file, tmp_path):
+    journal = tmp_path / "study.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    workers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "from stages.cli import main; main()",
+                "tune",
+                "denoising",
+                str(image_file),
+                "--trials",
+                "2",
+                "--storage",
+                f"journal:{journal}",
+                "--study-name",
+                "shared",
+                "--sampler-seed",
+                str(seed),
+                "--no-track",
+                "--out",
+                str(tmp_path / f"out{seed}"),
+                *TINY_OPTIONS,
+                "--iterations",
+                "20",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for seed in (1, 2)
+    ]
+    outputs = [w.communicate(timeout=120)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs
+    study = optuna.load_study(study_name="shared", storage=resolve_storage(f"journal:{journal}"))
+    assert sorted(t.number for t in study.trials) == list(range(4))
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    assert all(t.state in finished for t in study.trials)
+    assert sum(bool(t.user_attrs.get("baseline")) for t in study.trials) == 1
+
+
+def test_resumed_study_continues_its_trial_count_and_refuses_other_settings(image_file, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    args = [
+        "tune",
+        "denoising",
+        str(image_file),
+        "--trials",
+        "2",
+        "--storage",
+        storage,
+        "--no-track",
+        "--out",
+        str(tmp_path / "out"),
+        *TINY_OPTIONS,
+    ]
+    runner = CliRunner()
+    first = runner.invoke(cli, args)
+    assert first.exit_code == 0, first.output
+    second = runner.invoke(cli, args)
+    assert second.exit_code == 0, second.output
+    assert "resumed, 2 trial(s)" in second.output
+    study = optuna.load_study(study_name="denoising-sigma25-cam-holdout", storage=storage)
+    assert [t.number for t in study.trials] == [0, 1, 2, 3]
+    assert [bool(t.user_attrs.get("baseline")) for t in study.trials] == [True, False, False, False]
+    other = runner.invoke(cli, [*args, "--iterations", "30"])
+    assert other.exit_code == 1
+    assert "other settings (fit)" in other.output
+
+
+def test_tuned_map_is_what_the_optimize_stage_reads(image_file, tmp_path, monkeypatch, cpu_profile):
+    monkeypatch.chdir(tmp_path)
+    problem = simulate("denoising", image_file, {"sigma": 25, "seed": 0})
+    meta = {
+        "task": "denoising",
+        "variant": "sigma25",
+        "image": "cam",
+        "params": {"sigma": 25, "seed": 0},
+    }
+    write_observation(Path("data/prepared/denoising/sigma25/cam"), problem, meta)
+    params = {**cpu_profile, "fit": {**cpu_profile["fit"], **TINY}}
+    params["tune"] = {**cpu_profile["tune"], "images": ["cam"]}
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    runner = CliRunner()
+    tuned = runner.invoke(
+        cli,
+        [
+            "tune",
+            "denoising",
+            "cam",
+            "--variant",
+            "sigma25",
+            "--trials",
+            "2",
+            "--storage",
+            "memory",
+            "--no-track",
+        ],
+    )
+    assert tuned.exit_code == 0, tuned.output
+    path = tuned_values_path("denoising", "sigma25", "cam")
+    lam = load_yaml(path)["lam"]
+    settings = fit_settings(params, "denoising", "lipschitz", "cam", "sigma25", {"lam": "tuned"})
+    assert settings["lam"] == lam and settings["width"] == 8
+    optimized = runner.invoke(
+        cli,
+        [
+            "optimize",
+            "denoising",
+            "cam",
+            "lipschitz",
+            "--variant",
+            "sigma25",
+            "--set",
+            "lam=tuned",
+            "--out",
+            "runs/tuned",
+            "--no-track",
+        ],
+    )
+    assert optimized.exit_code == 0, optimized.output
+    assert json.loads(Path("runs/tuned/summary.json").read_text())["settings"]["lam"] == lam
+    with pytest.raises(UserError, match="does not exist"):
+        fit_settings(params, "denoising", "lipschitz", "moon", "sigma25", {"lam": "tuned"})
+
+
+def test_storage_urls_and_spearman():
+    assert resolve_storage(None).startswith("sqlite:///") and resolve_storage(None).endswith(
+        "/optuna.db"
+    )
+    assert resolve_storage("postgresql://u:p@db/optuna") == "postgresql://u:p@db/optuna"
+    with pytest.raises(UserError, match="names no file"):
+        resolve_storage("journal:")
+    assert spearman(np.array([1.0, 2.0, 3.0, 4.0]), np.array([10.0, 30.0, 20.0, 40.0])) == (
+        pytest.approx(0.8)
+    )
+    assert spearman(np.array([1.0, 2.0]), np.array([2.0, 1.0])) is None
