@@ -1,0 +1,5 @@
+"""``python -m stages`` is ``sdip``."""
+
+from stages.cli import main
+
+main()

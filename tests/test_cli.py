@@ -1,0 +1,84 @@
+"""The ``sdip`` command line: a real fit writes its outputs; user mistakes get one error line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from stages.cli import cli
+
+TINY = ["--iterations", "12", "--width", "8", "--device", "cpu"]
+
+
+@pytest.fixture
+def rgb_png(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    path = tmp_path / "image.png"
+    Image.fromarray(rng.integers(0, 256, (70, 97, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_fit_writes_images_curves_and_summary(rgb_png: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    result = invoke("fit", "denoising", rgb_png, "-o", out, "--sigma", "25", *TINY)
+    assert result.exit_code == 0, result.output
+    for name in ("observation.png", "clean.png", "restored_stop.png", "restored_final.png",
+                 "restored_best.png", "curves.csv", "summary.json"):
+        assert (out / name).is_file(), name
+    with Image.open(out / "restored_final.png") as restored:
+        assert restored.size == (96, 64)  # centre-cropped to multiples of 32
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["iterations_run"] == 12 and summary["settings"]["lam"] == 1.4
+    assert len((out / "curves.csv").read_text().splitlines()) == 13
+    assert not list(out.glob("*.tmp*")) and not list(out.glob(".*"))
+
+
+def test_fit_on_an_observed_photo_has_no_clean_outputs(rgb_png: Path, tmp_path: Path):
+    out = tmp_path / "obs"
+    result = invoke("fit", "denoising", rgb_png, "-o", out, "--observed", *TINY)
+    assert result.exit_code == 0, result.output
+    assert not (out / "clean.png").exists() and not (out / "restored_best.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["fit", "denoising", "missing.png", "-o", "x"], "missing.png"),
+        (["fit", "denoising", "{bad}", "-o", "x"], "not a readable image"),
+        (["fit", "denoising", "{small}", "-o", "x"], "32"),
+        (["fit", "denoising", "{rgb}", "-o", "x", "--sigma", "-3"], "sigma"),
+        (["fit", "inpainting", "{rgb}", "-o", "x", "--mask", "{mask}"], "mask"),
+        (["fit", "teleport", "{rgb}", "-o", "x"], "teleport"),
+        (["fit", "denoising", "{rgb}", "-o", "x", "--quality", "10"], "deblocking"),
+    ],
+)
+def test_user_mistakes_get_one_error_line(args, needle, rgb_png: Path, tmp_path: Path):
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    small = tmp_path / "small.png"
+    Image.fromarray(np.zeros((20, 40), np.uint8)).save(small)
+    mask = tmp_path / "mask.png"
+    Image.fromarray(np.full((50, 50), 255, np.uint8)).save(mask)
+    names = {"{bad}": bad, "{small}": small, "{rgb}": rgb_png, "{mask}": mask}
+    argv = [str(names.get(a, a)) for a in args]
+    argv[argv.index("-o") + 1] = str(tmp_path / "never")
+    done = subprocess.run(
+        [sys.executable, "-m", "stages", *argv], capture_output=True, text=True, check=False
+    )
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in done.stderr
+    assert any(needle in line for line in lines), done.stderr
+    assert len([line for line in lines if line.startswith(("error", "Error"))]) == 1
+    assert not (tmp_path / "never").exists()
