@@ -51,6 +51,8 @@ class FitConfig:
     ``backtrack=None`` means the task's default: on for denoising and deblocking, as in DIP.
     ``psnr_protocol`` is how PSNR against the clean image is read (experiments.md, "Protocols"):
     ``rgb`` over all channels, no shave; ``y`` on the Y channel with a 4-pixel border removed (SR).
+    ``threads`` > 0 sets PyTorch's CPU threads for the process (0 keeps its default): small
+    convolutions gain little from a second thread and lose badly when cores are shared.
     ``halt_at_stop`` ends the fit at the first sync after the ratio rule fires; otherwise the
     fit runs the whole budget and the output at the stop is kept on the side.
     """
@@ -72,6 +74,7 @@ class FitConfig:
     emv_alpha: float = 0.1
     input_noise: float = 0.0
     psnr_protocol: str = "rgb"
+    threads: int = 0
 
     def __post_init__(self) -> None:
         checks = {
@@ -85,6 +88,7 @@ class FitConfig:
             "input_noise": self.input_noise >= 0,
             "backtrack_drop_db": self.backtrack_drop_db > 0,
             "psnr_protocol": self.psnr_protocol in PSNR_PROTOCOLS,
+            "threads": self.threads >= 0,
         }
         for name, ok in checks.items():
             if not ok:
@@ -182,6 +186,8 @@ class FitState:
         self.config = config
         self.task = task
         self.device = resolve_device(config.device)
+        if config.threads > 0:
+            torch.set_num_threads(config.threads)
         dev = self.device
         self.y = observation.to(dev, torch.float32)
         self.clean = None if clean is None else clean.to(dev, torch.float32)

@@ -9,6 +9,7 @@ per value. MLflow is imported lazily: it is slow to import and only the stages n
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import time
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
 BATCH_LIMIT = 1000
+SQLITE_PREFIX = "sqlite:///"
 DVC_EXPERIMENT_WORKSPACES = os.path.join(".dvc", "tmp", "exps")
 
 
@@ -63,9 +65,17 @@ def git_commit(root: Path | None = None) -> str:
 
 
 def client(root: Path | None = None) -> MlflowClient:
+    """A client of the tracking store. A new SQLite store is created under a file lock: two
+    processes creating the same database at once would both run its schema migrations."""
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri(root))
+    uri = tracking_uri(root)
+    if uri.startswith(SQLITE_PREFIX):
+        database = Path(uri[len(SQLITE_PREFIX) :])
+        with open(database.parent / f"{database.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            MlflowClient(uri).search_experiments(max_results=1)
+    return MlflowClient(uri)
 
 
 def experiment_id(mlflow: MlflowClient, name: str, root: Path | None = None) -> str:
