@@ -7,13 +7,20 @@ the clean image. All measurements stay on the device in preallocated curves; the
 only every ``log_every`` iterations, when callbacks run.
 
 Everything a fit needs to continue lives in one :class:`FitState` (model, optimiser, input,
-RNG, stopping-rule state, curves so far), so it can be checkpointed, resumed or batched.
+RNG, stopping-rule state, curves so far), so it can be checkpointed, resumed or batched. What is
+measured lives in a :class:`FitMonitor` of K members, K = 1 here; :mod:`pipeline.batched` runs K
+fits in one network pass with the same monitor.
+
+GPU path (issue 5): ``precision`` (strict float32, TF32, bfloat16 autocast), ``channels_last``,
+``compile`` (``torch.compile``); host ↔ device copies go through pinned memory, and the curves
+come back in one transfer per read.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -32,6 +39,7 @@ PSNR_PROTOCOLS = {
     "rgb": psnr,
     "y": lambda x, ref: psnr_y(x, ref, shave=4),
 }
+PRECISIONS = ("fp32", "tf32", "bf16")
 
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "denoising": {"lam": 1.4},
@@ -55,6 +63,12 @@ class FitConfig:
     convolutions gain little from a second thread and lose badly when cores are shared.
     ``halt_at_stop`` ends the fit at the first sync after the ratio rule fires; otherwise the
     fit runs the whole budget and the output at the stop is kept on the side.
+
+    Speed options (results agree with the defaults to rounding, or to bfloat16's precision):
+    ``precision`` is ``fp32`` (strict float32; TF32 off on CUDA), ``tf32`` (CUDA's TF32 tensor
+    cores for convolutions and matrix products) or ``bf16`` (bfloat16 autocast of the network's
+    forward; losses and measures stay float32); ``channels_last`` stores activations NHWC;
+    ``compile`` runs the network through ``torch.compile``.
     """
 
     model: DecoderConfig = field(default_factory=DecoderConfig)
@@ -75,6 +89,9 @@ class FitConfig:
     input_noise: float = 0.0
     psnr_protocol: str = "rgb"
     threads: int = 0
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
 
     def __post_init__(self) -> None:
         checks = {
@@ -88,6 +105,7 @@ class FitConfig:
             "input_noise": self.input_noise >= 0,
             "backtrack_drop_db": self.backtrack_drop_db > 0,
             "psnr_protocol": self.psnr_protocol in PSNR_PROTOCOLS,
+            "precision": self.precision in PRECISIONS,
             "threads": self.threads >= 0,
         }
         for name, ok in checks.items():
@@ -173,6 +191,289 @@ class FitResult:
         }
 
 
+def init_fit(
+    config: FitConfig, channels: int, height: int, width: int, device: torch.device
+) -> tuple[Decoder, Tensor, torch.Generator]:
+    """The decoder, its fixed input z and the input-noise generator of one fit.
+
+    All three come from ``config.seed`` in separate streams (weights: seed, z: seed + 1, input
+    noise: seed + 2), so a fit is the same whether it runs alone or batched with others.
+    """
+    model_config = replace(config.model, out_channels=channels)
+    weights = torch.Generator().manual_seed(config.seed)
+    model = Decoder(model_config, generator=weights).to(device)
+    inputs = torch.Generator().manual_seed(config.seed + 1)
+    z = make_input(model_config, height, width, inputs).to(device)
+    if config.channels_last:
+        z = z.contiguous(memory_format=torch.channels_last)
+    noise = torch.Generator(device).manual_seed(config.seed + 2)
+    return model, z, noise
+
+
+def perturbed(z: Tensor, scale: float, generator: torch.Generator) -> Tensor:
+    """``z + scale·n``, n ~ N(0, 1) drawn from ``generator`` (DIP's input regularisation)."""
+    return z + scale * torch.randn(z.shape, generator=generator, device=z.device)
+
+
+def output_shape(task: Degradation, y: Tensor, clean: Tensor | None) -> tuple[int, int, int]:
+    """(C, H, W) of the network output for observation ``y``; a clean image must match it."""
+    height, width = task.output_shape(y)
+    if clean is not None and tuple(clean.shape[-2:]) != (height, width):
+        raise UserError(
+            f"clean image is {tuple(clean.shape[-2:])}, the fit's output is {(height, width)}"
+        )
+    return y.shape[1], height, width
+
+
+def uses_backtracking(config: FitConfig, task: Degradation) -> bool:
+    """``config.backtrack``, or the task's default when None (on for denoising, deblocking)."""
+    return task.name in BACKTRACK_TASKS if config.backtrack is None else config.backtrack
+
+
+def to_device(x: Tensor, device: torch.device) -> Tensor:
+    """``x`` in float32 on ``device``; a host → CUDA copy goes through pinned memory, async."""
+    x = x.detach().to(torch.float32)
+    if device.type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
+def to_host(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Copies of same-dtype ``tensors`` on the host, moved in one transfer (into pinned memory
+    from CUDA): one synchronisation however many curves are read."""
+    flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+    if flat.device.type == "cuda":
+        host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+        host.copy_(flat, non_blocking=True)
+        torch.cuda.current_stream(flat.device).synchronize()
+        flat = host
+    parts = flat.split([t.numel() for t in tensors])
+    return [part.reshape(t.shape) for part, t in zip(parts, tensors, strict=True)]
+
+
+@contextmanager
+def float32_precision(precision: str) -> Iterator[None]:
+    """CUDA's TF32 switches for convolutions and matrix products: on for ``tf32``, off
+    otherwise (strict float32), restored on exit. They have no effect on the CPU."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = matmul.allow_tf32, cudnn.allow_tf32
+    matmul.allow_tf32 = cudnn.allow_tf32 = precision == "tf32"
+    try:
+        yield
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = saved
+
+
+def autocast(precision: str, device: torch.device) -> torch.autocast:
+    """bfloat16 autocast of the network's forward for ``bf16``, a no-op otherwise."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def backtrack_update(
+    params: Sequence[Tensor],
+    saved: Sequence[Tensor],
+    psnr_obs: Tensor,
+    saved_psnr_obs: Tensor,
+    drop_db: float,
+) -> Tensor:
+    """DIP's fallback, per member: a drop of the observation PSNR ``psnr_obs`` (K,) of more than
+    ``drop_db`` below the checkpoint's restores the checkpoint ``saved`` into ``params``;
+    otherwise the current parameters become the checkpoint. Parameters lead with the member
+    dimension K (or have none when K = 1). Done with ``torch.where``, so it costs no host
+    synchronisation. Returns the checkpoint's PSNR (K,)."""
+    drop = psnr_obs < saved_psnr_obs - drop_db
+    for param, checkpoint in zip(params, saved, strict=True):
+        where = drop.view(-1, *(1,) * (param.dim() - 1))
+        checkpoint.copy_(torch.where(where, checkpoint, param))
+        param.copy_(checkpoint)
+    return torch.where(drop, saved_psnr_obs, psnr_obs)
+
+
+class FitMonitor:
+    """Everything measured while K ≥ 1 fits advance in lockstep, kept on the device.
+
+    At a measured iteration m with outputs ``out`` (K, C, H, W), each member k records its loss;
+    the PSNR and the FBC bands (method.md §4) of ``A'(out)·mask`` against its observation; blur,
+    sharpness and their ratio (§5), which feeds its own :class:`OnlineRatioRule` (the output at
+    the rule's first firing is kept); with the clean image, PSNR against it under
+    ``psnr_protocol`` and the best output so far; and the windowed (ES-WMV) and exponential
+    (ES-EMV) moving variances of its outputs. Curves are (K, n) tensors, n = ⌈iterations /
+    measure_every⌉. A single fit (:class:`FitState`) is K = 1; batched fits
+    (:mod:`pipeline.batched`) use this same code.
+    """
+
+    def __init__(
+        self,
+        config: FitConfig,
+        tasks: Sequence[Degradation],
+        y: Tensor,
+        clean: Tensor | None,
+        out_shape: tuple[int, int, int],
+    ) -> None:
+        cfg, dev, k = config, y.device, len(tasks)
+        self.config = config
+        self.tasks = list(tasks)
+        self.y = y
+        self.clean = clean
+        masks = [task.loss_mask(y[i : i + 1]) for i, task in enumerate(self.tasks)]
+        self.mask = (
+            None
+            if all(mask is None for mask in masks)
+            else torch.cat(
+                [
+                    torch.ones_like(y[i : i + 1, :1]) if mask is None else mask
+                    for i, mask in enumerate(masks)
+                ]
+            )
+        )
+        n = -(-cfg.iterations // cfg.measure_every)
+        self.measured = 0
+        self.curves = {name: torch.full((k, n), float("nan"), device=dev) for name in CURVE_NAMES}
+        self.curves["fbc"] = torch.full((k, n, cfg.fbc_bands), float("nan"), device=dev)
+        self.rules = [OnlineRatioRule(cfg.stop_window, cfg.stop_eps, dev) for _ in range(k)]
+        shape = (k, *out_shape)
+        self.stop_out = torch.zeros(shape, device=dev)
+        self.best_out = torch.zeros(shape, device=dev)
+        self.best_psnr = torch.full((k,), -float("inf"), device=dev)
+        self.best_at = torch.full((k,), -1, dtype=torch.long, device=dev)
+        window = cfg.variance_window
+        self.window_outs = torch.zeros((window, *shape), device=dev) if window else None
+        self.window_sum = torch.zeros(shape, dtype=torch.float64, device=dev)
+        self.window_sq = torch.zeros((k,), dtype=torch.float64, device=dev)
+        self.ema = torch.zeros(shape, device=dev)
+        self.emv = torch.zeros((k,), device=dev)
+
+    def record(self, out: Tensor, loss: Tensor) -> Tensor:
+        """Measure outputs ``out`` (K, C, H, W) with losses ``loss`` (K,) as the next measurement;
+        returns the members' PSNR of ``A'(out)·mask`` against their observations (K,)."""
+        m, c, cfg = self.measured, self.curves, self.config
+        seen = torch.cat([task.forward(out[i : i + 1]) for i, task in enumerate(self.tasks)])
+        if self.mask is not None:
+            seen = seen * self.mask
+        c["loss"][:, m] = loss
+        psnr_obs = psnr(seen, self.y)
+        c["psnr_obs"][:, m] = psnr_obs
+        c["fbc"][:, m] = fbc(seen if seen.shape == self.y.shape else out, self.y, cfg.fbc_bands)
+        b, s = blur(out), sharpness(out)
+        c["blur"][:, m], c["sharpness"][:, m] = b, s
+        ratio = b / s
+        c["ratio"][:, m] = ratio
+        first = torch.stack(
+            [
+                rule.update(r) & (rule.fired_at == m)
+                for rule, r in zip(self.rules, ratio, strict=True)
+            ]
+        )
+        self.stop_out = torch.where(first.view(-1, 1, 1, 1), out, self.stop_out)
+        if self.clean is not None:
+            p = PSNR_PROTOCOLS[cfg.psnr_protocol](out, self.clean)
+            c["psnr"][:, m] = p
+            better = p > self.best_psnr
+            self.best_out = torch.where(better.view(-1, 1, 1, 1), out, self.best_out)
+            self.best_psnr = torch.where(better, p, self.best_psnr)
+            self.best_at = torch.where(better, torch.full_like(self.best_at, m), self.best_at)
+        self._track_variance(out, m)
+        self.measured += 1
+        return psnr_obs
+
+    def _track_variance(self, x: Tensor, m: int) -> None:
+        """Windowed (ES-WMV) and exponential (ES-EMV) moving variance of the outputs."""
+        cfg = self.config
+        dims = (1, 2, 3)
+        numel = x[0].numel()
+        if self.window_outs is not None:
+            w = cfg.variance_window
+            slot = m % w
+            old = self.window_outs[slot]
+            self.window_sum += x.double() - old.double()
+            self.window_sq += x.double().square().sum(dims) - old.double().square().sum(dims)
+            self.window_outs[slot] = x
+            if m + 1 >= w:
+                mean = self.window_sum / w
+                var = (self.window_sq / w - mean.square().sum(dims)) / numel
+                self.curves["wmv"][:, m] = var.float()
+        if m == 0:
+            self.ema = x.clone()
+            self.curves["emv"][:, m] = 0.0
+        else:
+            a = cfg.emv_alpha
+            dev2 = (x - self.ema).square().mean(dims)
+            self.emv = (1 - a) * self.emv + a * (1 - a) * dev2
+            self.ema = (1 - a) * self.ema + a * x
+            self.curves["emv"][:, m] = self.emv
+
+    def fired(self) -> list[bool]:
+        """Whether each member's ratio rule has fired (one host synchronisation)."""
+        return [bool(v) for v in to_host([rule.fired for rule in self.rules])]
+
+    def select(self, keep: Sequence[int]) -> None:
+        """Keep only the members at positions ``keep``, in that order."""
+        index = torch.tensor(list(keep), device=self.y.device)
+        self.tasks = [self.tasks[i] for i in keep]
+        self.rules = [self.rules[i] for i in keep]
+        self.curves = {name: values.index_select(0, index) for name, values in self.curves.items()}
+        for name in (
+            "y",
+            "clean",
+            "mask",
+            "stop_out",
+            "best_out",
+            "best_psnr",
+            "best_at",
+            "window_sum",
+            "window_sq",
+            "ema",
+            "emv",
+        ):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.index_select(0, index))
+        if self.window_outs is not None:
+            self.window_outs = self.window_outs.index_select(1, index)
+
+    def curves_numpy(self, member: int) -> dict[str, np.ndarray]:
+        """Member ``member``'s curves so far, on the host (one synchronisation)."""
+        m = self.measured
+        names = (*CURVE_NAMES, "fbc")
+        host = to_host([self.curves[name][member, :m] for name in names])
+        out = {name: values.numpy() for name, values in zip(CURVE_NAMES, host, strict=False)}
+        for band in range(self.config.fbc_bands):
+            out[f"fbc_{band + 1}"] = host[-1][:, band].numpy()
+        out["iteration"] = np.arange(m) * self.config.measure_every
+        return out
+
+    def result(
+        self,
+        member: int,
+        final: Tensor,
+        iterations_run: int,
+        wall_time: float,
+        config: FitConfig,
+    ) -> FitResult:
+        """Member ``member``'s :class:`FitResult`; ``final`` is its last output (1, C, H, W)."""
+        every = self.config.measure_every
+        fired_at, best_at = (
+            int(v) for v in to_host([self.rules[member].fired_at, self.best_at[member]])
+        )
+        task, y = self.tasks[member], self.y[member : member + 1]
+
+        def host(x: Tensor) -> Tensor:
+            return task.restore(x, y).clamp(0, 1).cpu()
+
+        restored = host(final)
+        return FitResult(
+            final=restored,
+            at_stop=host(self.stop_out[member : member + 1]) if fired_at >= 0 else restored,
+            best=host(self.best_out[member : member + 1]) if best_at >= 0 else None,
+            stop_iteration=fired_at * every if fired_at >= 0 else None,
+            best_iteration=best_at * every if best_at >= 0 else None,
+            iterations_run=iterations_run,
+            curves=self.curves_numpy(member),
+            wall_time=wall_time,
+            config=config,
+        )
+
+
 class FitState:
     """The whole state of one fit, advanced one iteration at a time by :meth:`step`."""
 
@@ -189,50 +490,31 @@ class FitState:
         if config.threads > 0:
             torch.set_num_threads(config.threads)
         dev = self.device
-        self.y = observation.to(dev, torch.float32)
-        self.clean = None if clean is None else clean.to(dev, torch.float32)
-        height, width = task.output_shape(self.y)
-        if self.clean is not None and tuple(self.clean.shape[-2:]) != (height, width):
-            raise UserError(
-                f"clean image is {tuple(self.clean.shape[-2:])}, "
-                f"the fit's output is {(height, width)}"
-            )
-        model_config = replace(config.model, out_channels=self.y.shape[1])
-        # Separate streams for the weights, the input and the input noise, all from the seed.
-        weights = torch.Generator().manual_seed(config.seed)
-        self.model = Decoder(model_config, generator=weights).to(dev)
-        inputs = torch.Generator().manual_seed(config.seed + 1)
-        self.z = make_input(model_config, height, width, inputs).to(dev)
-        self.noise_generator = torch.Generator(dev).manual_seed(config.seed + 2)
+        self.y = to_device(observation, dev)
+        self.clean = None if clean is None else to_device(clean, dev)
+        shape = output_shape(task, self.y, self.clean)
+        self.model, self.z, self.noise_generator = init_fit(config, *shape, dev)
+        if config.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.network = torch.compile(self.model) if config.compile else self.model
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
-        self.backtrack = (
-            task.name in BACKTRACK_TASKS if config.backtrack is None else config.backtrack
-        )
-        self.rule = OnlineRatioRule(config.stop_window, config.stop_eps, dev)
-        self.iteration = 0
-        self._init_curves(height, width)
-
-    def _init_curves(self, height: int, width: int) -> None:
-        cfg, dev = self.config, self.device
-        n = -(-cfg.iterations // cfg.measure_every)
-        self.measured = 0
-        self.curves = {name: torch.full((n,), float("nan"), device=dev) for name in CURVE_NAMES}
-        self.curves["fbc"] = torch.full((n, cfg.fbc_bands), float("nan"), device=dev)
-        shape = (1, self.y.shape[1], height, width)
-        self.stop_out = torch.zeros(shape, device=dev)
-        self.best_out = torch.zeros(shape, device=dev)
-        self.best_psnr = torch.full((), -float("inf"), device=dev)
-        self.best_at = torch.full((), -1, dtype=torch.long, device=dev)
-        self.last_out = torch.zeros(shape, device=dev)
-        window = cfg.variance_window
-        self.window_outs = torch.zeros((window, *shape[1:]), device=dev) if window else None
-        self.window_sum = torch.zeros(shape[1:], dtype=torch.float64, device=dev)
-        self.window_sq = torch.zeros((), dtype=torch.float64, device=dev)
-        self.ema = torch.zeros(shape[1:], device=dev)
-        self.emv = torch.zeros((), device=dev)
+        self.backtrack = uses_backtracking(config, task)
         if self.backtrack:
             self.saved_params = [p.detach().clone() for p in self.model.parameters()]
-            self.saved_psnr_obs = torch.full((), -float("inf"), device=dev)
+            self.saved_psnr_obs = torch.full((1,), -float("inf"), device=dev)
+        self.monitor = FitMonitor(config, [task], self.y, self.clean, shape)
+        self.last_out = torch.zeros((1, *shape), device=dev)
+        self.iteration = 0
+
+    @property
+    def measured(self) -> int:
+        """Number of measurements so far."""
+        return self.monitor.measured
+
+    @property
+    def curves(self) -> dict[str, Tensor]:
+        """The curves on the device, (n,) each (``fbc``: (n, bands)); unmeasured rows are NaN."""
+        return {name: values[0] for name, values in self.monitor.curves.items()}
 
     def step(self) -> None:
         """One Adam step; measures the output first when this iteration is a measured one."""
@@ -240,88 +522,28 @@ class FitState:
         self.model.train()
         z = self.z
         if cfg.input_noise > 0:
-            z = z + cfg.input_noise * torch.randn(
-                z.shape, generator=self.noise_generator, device=self.device
-            )
-        out = self.model(z)
-        loss = self.task.loss(out, self.y)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        measured = self.iteration % cfg.measure_every == 0
-        if measured:
+            z = perturbed(z, cfg.input_noise, self.noise_generator)
+        with float32_precision(cfg.precision):
+            with autocast(cfg.precision, self.device):
+                out = self.network(z)
+            out = out.float()
+            loss = self.task.loss(out, self.y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        if self.iteration % cfg.measure_every == 0:
             with torch.no_grad():
-                self._measure(out.detach(), loss.detach())
+                psnr_obs = self.monitor.record(out.detach(), loss.detach().reshape(1))
+                if self.backtrack:
+                    self.saved_psnr_obs = backtrack_update(
+                        list(self.model.parameters()),
+                        self.saved_params,
+                        psnr_obs,
+                        self.saved_psnr_obs,
+                        cfg.backtrack_drop_db,
+                    )
         self.optimizer.step()
         self.last_out = out.detach()
         self.iteration += 1
-
-    def _measure(self, out: Tensor, loss: Tensor) -> None:
-        m, c = self.measured, self.curves
-        seen = self.task.forward(out)
-        mask = self.task.loss_mask(self.y)
-        if mask is not None:
-            seen = seen * mask
-        c["loss"][m] = loss
-        psnr_obs = psnr(seen, self.y)[0]
-        c["psnr_obs"][m] = psnr_obs
-        c["fbc"][m] = fbc(
-            seen if seen.shape == self.y.shape else out, self.y, self.config.fbc_bands
-        )[0]
-        b, s = blur(out)[0], sharpness(out)[0]
-        c["blur"][m], c["sharpness"][m] = b, s
-        ratio = b / s
-        c["ratio"][m] = ratio
-        fired = self.rule.update(ratio)
-        first = fired & (self.rule.fired_at == m)
-        self.stop_out = torch.where(first, out, self.stop_out)
-        if self.clean is not None:
-            p = PSNR_PROTOCOLS[self.config.psnr_protocol](out, self.clean)[0]
-            c["psnr"][m] = p
-            better = p > self.best_psnr
-            self.best_out = torch.where(better, out, self.best_out)
-            self.best_psnr = torch.where(better, p, self.best_psnr)
-            self.best_at = torch.where(better, torch.full_like(self.best_at, m), self.best_at)
-        self._track_variance(out, m)
-        if self.backtrack:
-            self._backtrack(psnr_obs)
-        self.measured += 1
-
-    def _track_variance(self, out: Tensor, m: int) -> None:
-        """Windowed (ES-WMV) and exponential (ES-EMV) moving variance of the outputs."""
-        cfg = self.config
-        x = out[0]
-        numel = x.numel()
-        if self.window_outs is not None:
-            w = cfg.variance_window
-            slot = m % w
-            old = self.window_outs[slot]
-            self.window_sum += x.double() - old.double()
-            self.window_sq += x.double().square().sum() - old.double().square().sum()
-            self.window_outs[slot] = x
-            if m + 1 >= w:
-                mean = self.window_sum / w
-                var = (self.window_sq / w - mean.square().sum()) / numel
-                self.curves["wmv"][m] = var.float()
-        if m == 0:
-            self.ema = x.clone()
-            self.curves["emv"][m] = 0.0
-        else:
-            a = cfg.emv_alpha
-            dev2 = (x - self.ema).square().mean()
-            self.emv = (1 - a) * self.emv + a * (1 - a) * dev2
-            self.ema = (1 - a) * self.ema + a * x
-            self.curves["emv"][m] = self.emv
-
-    def _backtrack(self, psnr_obs: Tensor) -> None:
-        """DIP's fallback: a drop of more than ``backtrack_drop_db`` against the last checkpoint
-        restores the checkpoint's parameters; otherwise the current parameters become it.
-        Done with ``torch.where`` so it costs no host synchronisation."""
-        drop = psnr_obs < self.saved_psnr_obs - self.config.backtrack_drop_db
-        with torch.no_grad():
-            for param, saved in zip(self.model.parameters(), self.saved_params, strict=True):
-                saved.copy_(torch.where(drop, saved, param))
-                param.copy_(saved)
-        self.saved_psnr_obs = torch.where(drop, self.saved_psnr_obs, psnr_obs)
 
     @property
     def done(self) -> bool:
@@ -330,39 +552,14 @@ class FitState:
     @property
     def stopped(self) -> bool:
         """Whether the ratio rule has fired (reads the device flag: a host sync)."""
-        return bool(self.rule.fired)
+        return self.monitor.fired()[0]
 
     def curves_numpy(self) -> dict[str, np.ndarray]:
         """The measured curves so far, on the host (one sync)."""
-        m = self.measured
-        out = {name: self.curves[name][:m].cpu().numpy() for name in CURVE_NAMES}
-        fbc_values = self.curves["fbc"][:m].cpu().numpy()
-        for band in range(self.config.fbc_bands):
-            out[f"fbc_{band + 1}"] = fbc_values[:, band]
-        out["iteration"] = np.arange(m) * self.config.measure_every
-        return out
+        return self.monitor.curves_numpy(0)
 
     def result(self, wall_time: float) -> FitResult:
-        every = self.config.measure_every
-        fired_at = int(self.rule.fired_at)
-        best_at = int(self.best_at)
-        restore = self.task.restore
-
-        def host(x: Tensor) -> Tensor:
-            return restore(x, self.y).clamp(0, 1).cpu()
-
-        final = host(self.last_out)
-        return FitResult(
-            final=final,
-            at_stop=host(self.stop_out) if fired_at >= 0 else final,
-            best=host(self.best_out) if best_at >= 0 else None,
-            stop_iteration=fired_at * every if fired_at >= 0 else None,
-            best_iteration=best_at * every if best_at >= 0 else None,
-            iterations_run=self.iteration,
-            curves=self.curves_numpy(),
-            wall_time=wall_time,
-            config=self.config,
-        )
+        return self.monitor.result(0, self.last_out, self.iteration, wall_time, self.config)
 
 
 Callback = Callable[[FitState], None]

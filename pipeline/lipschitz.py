@@ -31,7 +31,7 @@ from pipeline.errors import UserError
 
 PADDINGS = ("reflection", "zeros")
 DEFAULT_RTOL = 5e-5
-DEFAULT_POWER_STEPS = 2
+DEFAULT_POWER_STEPS = 1
 
 
 class _VmapInfo(Protocol):

@@ -2,15 +2,40 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import click
 
 from pipeline.errors import UserError
 
+COMMANDS = {
+    "fit": "stages.fit:fit_command",
+    "profile": "stages.profile:profile_command",
+    "prepare": "stages.prepare:prepare_command",
+    "optimize": "stages.optimize:optimize_command",
+    "tune": "stages.tune:tune_command",
+    "fbc": "stages.fbc:fbc_command",
+    "evaluate": "stages.evaluate:evaluate_command",
+    "aggregate": "stages.aggregate:aggregate_command",
+}
+"""Sub-command → where it lives. Imported on use: a DVC stage runs one command many times, and
+importing every stage's dependencies (Optuna, matplotlib) each time would cost seconds."""
 
-class UserErrorGroup(click.Group):
-    """Turns a :class:`UserError` into one ``error:`` line and exit status 1, no traceback."""
+
+class SdipGroup(click.Group):
+    """Loads sub-commands lazily and turns a :class:`UserError` into one ``error:`` line and exit
+    status 1, with no traceback."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module, _, name = target.partition(":")
+        return getattr(importlib.import_module(module), name)
 
     def invoke(self, ctx: click.Context) -> object:
         try:
@@ -20,29 +45,10 @@ class UserErrorGroup(click.Group):
             sys.exit(1)
 
 
-@click.group(cls=UserErrorGroup)
+@click.group(cls=SdipGroup)
 @click.version_option(package_name="spectral-dip")
 def cli() -> None:
     """spectral-dip: the deep image prior with measured and controlled spectral bias."""
-
-
-def _register() -> None:
-    from stages import aggregate, evaluate, fbc, fit, optimize, prepare, profile, tune
-
-    for command in (
-        fit.fit_command,
-        profile.profile_command,
-        prepare.prepare_command,
-        optimize.optimize_command,
-        tune.tune_command,
-        fbc.fbc_command,
-        evaluate.evaluate_command,
-        aggregate.aggregate_command,
-    ):
-        cli.add_command(command)
-
-
-_register()
 
 
 def main() -> None:

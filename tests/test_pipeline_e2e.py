@@ -39,7 +39,7 @@ def shrink(params: dict) -> dict:
         task["images"] = task["images"][:1]
         task["fit"]["iterations"] = ITERATIONS
     params["fit"].update(width=8, iterations=ITERATIONS, log_every=8, stop_window=4)
-    params["sweeps"].update(lam=[0.5], gauss_sigma=[0.5])
+    params["sweeps"].update(lam=[0.5], gauss_sigma=[0.5], iterations=ITERATIONS)
     for rule in ("es_wmv", "es_emv"):
         params["evaluate"]["rules"][rule]["patience"] = 5
     params["evaluate"]["rules"]["ratio"]["window"] = 4

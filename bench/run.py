@@ -1,0 +1,723 @@
+"""Benchmark suite of the fit loop (issue 5): scaling, overheads, batching, FLOP/s, memory.
+
+Measures, on this machine, medians of interleaved repetitions where variants are compared:
+
+1. Step time of one fit (``FitState.step``: forward, backward, measures, backtracking, Adam; the
+   paper's decoder: width 128, λ = 1.4, bilinear) at 64², 128², 256², 512², and the exponent b
+   of a least-squares fit of time ∝ pixels^b from 128² to 512² (target b ≤ 1.1).
+2. Overheads at 64² (and 128² without ``--quick``), each beside its naive formulation:
+   Lipschitz vs none vs a full SVD per forward, Gaussian vs bilinear vs a plain depthwise
+   ``conv_transpose2d`` with its kernel rebuilt per call (both from ``bench/layers_speed.py``),
+   measures every iteration vs none vs the NumPy reference measures (``tests/numpy_reference.py``)
+   with a host copy per iteration.
+3. Batched throughput at 64² for K = 1, 2, 4, 8 against K sequential single fits, at width 32
+   (the CPU profile's) and 128, in fit-iterations per second (target: K = 4 at width 32 ≥ 1.5×);
+   and the choice of formulation: ``torch.func.vmap`` (pipeline.batched) against hand-written
+   grouped convolutions and against running the K networks one after the other.
+4. Achieved FLOP/s of a step (FLOPs counted by ``torch.utils.flop_counter``) against the
+   machine's measured float32 matmul peak.
+5. Peak memory per fit: how far the peak resident set of a child process rises while it builds
+   a fit and takes two steps, after a tiny warm-up fit (CPU); ``torch.cuda.max_memory_allocated``
+   (GPU).
+6. Estimated wall time of the ``paper`` profile (profiles/paper.yaml): its fits × iterations ×
+   the FLOPs of one iteration at 512² (every image taken as 512²), over an *assumed* sustained GPU
+   throughput (``--gpu-tflops``) unless a GPU was measured, and over the measured CPU step time.
+
+``--gpu`` (on a CUDA machine) instead times 512², width 128: one fit and K = 1, 4, 8, 16 batched
+fits, with and without each option (TF32, bf16, channels-last, torch.compile), with peak GPU
+memory, and writes ``bench/results_gpu.json``.
+
+Run from the repository root, on an otherwise idle machine (the load average is recorded)::
+
+    python bench/run.py [--quick] [--gpu] [--threads N] [--out bench/results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    # Run as a script (python bench/run.py): make the repository's packages importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench.layers_speed import (
+    build_networks,
+    interleaved_medians,
+    markdown_table,
+    training_step,
+)
+from pipeline.batched import BatchedFitState
+from pipeline.degradations import Denoising
+from pipeline.fit import FitConfig, FitState
+from pipeline.lipschitz import LipschitzConv2d
+from pipeline.model import Decoder, DecoderConfig, MeanOnlyBatchNorm, make_input
+from pipeline.results import write_json
+from pipeline.settings import fit_settings, load_yaml, task_variants
+from pipeline.upsample import GaussianUpsample
+from tests import numpy_reference
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZES = (64, 128, 256, 512)
+EXPONENT_SIZES = (128, 256, 512)
+EXPONENT_TARGET = 1.1
+BATCH_SIZES = (1, 2, 4, 8)
+BATCH_TARGET = 1.5
+BATCH_TARGET_WIDTH = 32
+GPU_BATCH_SIZES = (1, 4, 8, 16)
+PAPER_SIZE = 512
+DEFAULT_GPU_TFLOPS = 30.0
+"""Assumed sustained float32 throughput of one H100/H200-class GPU on these convolutions: about
+45 % of its 67 TFLOP/s float32 peak. Only used when no GPU was measured; say so when quoting."""
+GPU_COUNTS = (1, 4, 8)
+
+
+def fit_config(width: int, iterations: int, **overrides: Any) -> FitConfig:
+    """The paper's fit (FitConfig defaults: λ = 1.4, bilinear, measures every iteration)."""
+    return FitConfig.from_dict(
+        {"width": width, "iterations": iterations, "log_every": 10**9, **overrides}
+    )
+
+
+def problem(size: int, seed: int = 0) -> tuple[Denoising, Tensor, Tensor]:
+    """A denoising problem (σ = 25) on a seeded random RGB image of size × size."""
+    clean = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    task = Denoising(sigma=25, seed=seed)
+    return task, task.observe(clean), clean
+
+
+def single_state(size: int, width: int, iterations: int, **overrides: Any) -> FitState:
+    task, y, clean = problem(size)
+    return FitState(y, task, fit_config(width, iterations, **overrides), clean=clean)
+
+
+def batched_state(
+    size: int, width: int, members: int, iterations: int, **overrides: Any
+) -> BatchedFitState:
+    """K members: different images, seeds and λ, as a batch of the tune stage or a sweep."""
+    problems = [problem(size, seed) for seed in range(members)]
+    configs = [
+        fit_config(width, iterations, seed=seed, lam=1.0 + 0.1 * seed, **overrides)
+        for seed in range(members)
+    ]
+    return BatchedFitState(
+        [y for _, y, _ in problems],
+        [task for task, _, _ in problems],
+        configs,
+        [clean for _, _, clean in problems],
+    )
+
+
+def timed_medians(step: Callable[[], object], reps: int, warmup: int) -> float:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def step_flops(step: Callable[[], object]) -> int:
+    """FLOPs of one call (convolutions, matrix products; elementwise ops are not counted)."""
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return int(counter.get_total_flops())
+
+
+def matmul_peak(sizes: tuple[int, ...], reps: int) -> dict[str, float]:
+    """Best float32 GFLOP/s of square matrix products (2n³ FLOPs each)."""
+    best = {}
+    for n in sizes:
+        generator = torch.Generator().manual_seed(n)
+        a, b = (torch.randn(n, n, generator=generator) for _ in range(2))
+        seconds = timed_medians(lambda a=a, b=b: torch.mm(a, b), reps, warmup=2)
+        best[str(n)] = 2 * n**3 / seconds / 1e9
+    return best
+
+
+def exponent(pixels: list[int], seconds: list[float]) -> float:
+    """Least-squares slope of log(time) against log(pixels)."""
+    return float(np.polyfit(np.log(pixels), np.log(seconds), 1)[0])
+
+
+# --- 1. and 4.: scaling and FLOP/s --------------------------------------------------------------
+
+
+def scaling(quick: bool) -> dict[str, Any]:
+    rows = {}
+    for size in SIZES:
+        reps = 3 if size >= 256 else (5 if quick else 9)
+        state = single_state(size, 128, iterations=reps + 4)
+        flops = step_flops(state.step)
+        seconds = timed_medians(state.step, reps, warmup=1 if size >= 256 else 2)
+        rows[f"{size}x{size}"] = {
+            "pixels": size * size,
+            "step_ms": 1e3 * seconds,
+            "gflop_per_step": flops / 1e9,
+            "gflops_achieved": flops / seconds / 1e9,
+            "repetitions": reps,
+        }
+        del state
+    pixels = [rows[f"{s}x{s}"]["pixels"] for s in EXPONENT_SIZES]
+    times = [rows[f"{s}x{s}"]["step_ms"] for s in EXPONENT_SIZES]
+    b = exponent(pixels, times)
+    return {
+        "sizes": rows,
+        "exponent_128_512": b,
+        "exponent_target": EXPONENT_TARGET,
+        "exponent_met": b <= EXPONENT_TARGET,
+        "exponent_64_128": exponent(
+            [64 * 64, 128 * 128], [rows["64x64"]["step_ms"], rows["128x128"]["step_ms"]]
+        ),
+    }
+
+
+# --- 2.: overheads -------------------------------------------------------------------------------
+
+
+def network_overheads(size: int, reps: int) -> dict[str, Any]:
+    """Network steps (forward, backward, Adam) of bench/layers_speed's variants."""
+    networks = build_networks(seed=0)
+    z = make_input(DecoderConfig(), size, size, torch.Generator().manual_seed(1))
+    target = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(2))
+    steps = {name: training_step(net, z, target) for name, net in networks.items()}
+    medians = interleaved_medians(steps, reps=reps, warmup=3)
+    return {name: 1e3 * t for name, t in medians.items()}
+
+
+def numpy_measures_step(state: FitState) -> Callable[[], None]:
+    """The naive per-iteration measures: copy the output to the host and run the NumPy
+    reference (float64, full sort) of FBC, blur, sharpness and PSNR on it."""
+    y = state.y[0].permute(1, 2, 0).double().cpu().numpy()
+
+    def step() -> None:
+        state.step()
+        out = state.last_out[0].permute(1, 2, 0).double().cpu().numpy()
+        numpy_reference.fbc(out, y)
+        numpy_reference.blur(out)
+        numpy_reference.sharpness(out)
+        numpy_reference.psnr(out, y)
+
+    return step
+
+
+def measure_overheads(size: int, reps: int) -> dict[str, Any]:
+    """Fit steps measuring every iteration, never (after the first), or through NumPy."""
+    iterations = 3 * (reps + 3) + 1
+    # Without backtracking, which acts on measured iterations only.
+    every = single_state(size, 128, iterations, backtrack=False)
+    never = single_state(size, 128, iterations, measure_every=10**9, backtrack=False)
+    naive = single_state(size, 128, iterations, measure_every=10**9, backtrack=False)
+    medians = interleaved_medians(
+        {"measured": every.step, "unmeasured": never.step, "numpy": numpy_measures_step(naive)},
+        reps=reps,
+        warmup=3,
+    )
+    return {name: 1e3 * t for name, t in medians.items()}
+
+
+def overheads(quick: bool) -> dict[str, Any]:
+    results = {}
+    for size in (64,) if quick else (64, 128):
+        reps = 7 if quick else 15
+        net = network_overheads(size, reps)
+        meas = measure_overheads(size, reps)
+        results[f"{size}x{size}"] = {
+            "step_ms": {**net, **{f"fit_{k}": v for k, v in meas.items()}},
+            "lipschitz_vs_plain": net["lipschitz"] / net["plain"],
+            "svd_vs_plain": net["svd"] / net["plain"],
+            "gaussian_vs_bilinear": net["gaussian"] / net["plain"],
+            "gaussian_naive_vs_bilinear": net["gaussian_naive"] / net["plain"],
+            "measures_vs_none": meas["measured"] / meas["unmeasured"],
+            "numpy_measures_vs_none": meas["numpy"] / meas["unmeasured"],
+        }
+    return results
+
+
+# --- 3.: batched throughput and the choice of formulation ----------------------------------------
+
+
+def grouped_forward(
+    template: Decoder, weights: dict[str, Tensor], buffers: dict[str, Tensor], z: Tensor
+) -> Tensor:
+    """The alternative to vmap, written by hand: the K members as K channel groups of one
+    (1, K·C, H, W) map, every convolution grouped (bilinear or Gaussian decoders only)."""
+    members = z.shape[0]
+    x = z.reshape(1, -1, *z.shape[-2:])
+    tensors = {**weights, **buffers}
+    for name, module in template.named_modules():
+        if isinstance(module, LipschitzConv2d):
+            weight = tensors[f"{name}.weight"]
+            if module.padding == "reflection":
+                x = F.pad(x, (module.kernel_size // 2,) * 4, mode="reflect")
+                padding = 0
+            else:
+                padding = module.kernel_size // 2
+            x = F.conv2d(
+                x,
+                weight.flatten(0, 1),
+                tensors[f"{name}.bias"].flatten(),
+                padding=padding,
+                groups=members,
+            )
+        elif isinstance(module, MeanOnlyBatchNorm):
+            grouped = x.view(members, -1, *x.shape[-2:])
+            bias = tensors[f"{name}.bias"][..., None, None]
+            x = (grouped - grouped.mean(dim=(-2, -1), keepdim=True) + bias).view(x.shape)
+        elif isinstance(module, nn.LeakyReLU):
+            x = F.leaky_relu(x, module.negative_slope)
+        elif isinstance(module, nn.Upsample):
+            x = F.interpolate(
+                x, scale_factor=2, mode=module.mode, align_corners=module.align_corners
+            )
+        elif isinstance(module, GaussianUpsample):
+            kernel = tensors[f"{name}.weight"].flatten(0, 1)
+            x = F.conv_transpose2d(
+                x, kernel, stride=2, padding=2, output_padding=1, groups=kernel.shape[0]
+            )
+        elif isinstance(module, nn.Conv2d):
+            x = F.conv2d(
+                x,
+                tensors[f"{name}.weight"].flatten(0, 1),
+                tensors[f"{name}.bias"].flatten(),
+                groups=members,
+            )
+    return torch.sigmoid(x).view(members, -1, *x.shape[-2:])
+
+
+def network_step(state: BatchedFitState, forward: Callable[[], Tensor]) -> Callable[[], None]:
+    """Forward, summed losses, backward and Adam on the batch's parameters (no measures)."""
+    y = state.monitor.y
+
+    def step() -> None:
+        loss = F.mse_loss(forward(), y, reduction="none").mean(dim=(1, 2, 3)).sum()
+        state.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        state.optimizer.step()
+
+    return step
+
+
+def formulations(width: int, members: int, reps: int) -> dict[str, Any]:
+    """vmap against hand-written grouped convolutions and K sequential networks (ms/step)."""
+    state = batched_state(64, width, members, iterations=10)
+    with torch.no_grad():
+        vmapped = state.forward(state.z)
+        grouped = grouped_forward(state.template, state.weights(), state.buffers, state.z)
+    error = float((vmapped - grouped).abs().max())
+    if error > 1e-5:
+        raise RuntimeError(f"grouped forward differs from the vmapped one by {error:.2e}")
+    singles = [single_state(64, width, 10, seed=k, measure_every=10**9) for k in range(members)]
+
+    def sequential() -> None:
+        for single in singles:
+            single.step()
+
+    steps = {
+        "vmap": network_step(state, lambda: state.forward(state.z)),
+        "grouped": network_step(
+            state, lambda: grouped_forward(state.template, state.weights(), state.buffers, state.z)
+        ),
+        "sequential": sequential,
+    }
+    medians = interleaved_medians(steps, reps=reps, warmup=2)
+    return {"members": members, "width": width, **{k: 1e3 * v for k, v in medians.items()}}
+
+
+def batched_throughput(quick: bool) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for width in (BATCH_TARGET_WIDTH, 128):
+        reps = 7 if quick else 15
+        single = single_state(64, width, iterations=4 * (reps + 2) + 1)
+        states = {k: batched_state(64, width, k, 4 * (reps + 2) + 1) for k in BATCH_SIZES}
+        steps = {"single": single.step, **{f"K={k}": s.step for k, s in states.items()}}
+        medians = interleaved_medians(steps, reps=reps, warmup=2)
+        base = medians["single"]
+        rows = {}
+        for k in BATCH_SIZES:
+            seconds = medians[f"K={k}"]
+            rows[str(k)] = {
+                "step_ms": 1e3 * seconds,
+                "fit_iterations_per_s": k / seconds,
+                "sequential_fit_iterations_per_s": 1 / base,
+                "speedup_vs_sequential": k * base / seconds,
+            }
+        results[str(width)] = {"single_step_ms": 1e3 * base, "batched": rows}
+    target_speedup = results[str(BATCH_TARGET_WIDTH)]["batched"]["4"]["speedup_vs_sequential"]
+    results["target"] = {
+        "k": 4,
+        "width": BATCH_TARGET_WIDTH,
+        "min_speedup": BATCH_TARGET,
+        "speedup": target_speedup,
+        "met": target_speedup >= BATCH_TARGET,
+    }
+    results["formulation"] = formulations(BATCH_TARGET_WIDTH, 4, 7 if quick else 15)
+    return results
+
+
+# --- 5.: memory ----------------------------------------------------------------------------------
+
+
+def _proc_status(key: str) -> int:
+    """A KiB field of /proc/self/status (Linux)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {key}")
+
+
+def memory_probe(spec: str) -> None:
+    """Child process: reset the peak RSS, build SIZE,WIDTH,K, take two steps, print how far the
+    peak rose above the resident set at the reset (KiB)."""
+    size, width, members = (int(v) for v in spec.split(","))
+    # A tiny fit first, so that what any first fit loads (kernels, thread pools) is not counted.
+    single_state(64, 8, iterations=2).step()
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # resets VmHWM to the current resident set
+    before = _proc_status("VmRSS")
+    if members == 1:
+        state: FitState | BatchedFitState = single_state(size, width, iterations=4)
+    else:
+        state = batched_state(size, width, members, iterations=4)
+    state.step()
+    state.step()
+    print(json.dumps({"peak_kib": _proc_status("VmHWM") - before}))
+
+
+def memory(quick: bool, threads: int) -> dict[str, Any]:
+    cases = [(size, 128, 1) for size in SIZES] + [(64, BATCH_TARGET_WIDTH, 1), (64, 32, 4)]
+    if not quick:
+        cases.append((64, 128, 4))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    rows = {}
+    for size, width, members in cases:
+        done = subprocess.run(
+            [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--memory-probe",
+                f"{size},{width},{members}",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
+            env=env,
+        )
+        peak = int(json.loads(done.stdout.strip().splitlines()[-1])["peak_kib"])
+        rows[f"{size}x{size} width {width} K={members}"] = {
+            "peak_mib": peak / 1024,
+            "per_fit_mib": peak / 1024 / members,
+        }
+    return {
+        "method": "peak RSS rise of a child process while it builds and steps the fit",
+        "cases": rows,
+    }
+
+
+# --- 6.: the paper profile -----------------------------------------------------------------------
+
+
+def paper_workload(path: Path = ROOT / "profiles" / "paper.yaml") -> dict[str, Any]:
+    """Fits and iterations of the paper profile: every (task, variant, image, method), the λ and
+    σ sweeps, and the tune stage's trials (an upper bound: trials end at their stop)."""
+    params = load_yaml(path)
+    groups = []
+    for task, spec in params["tasks"].items():
+        fits = len(spec["images"]) * len(task_variants(params, task))
+        for method in params["methods"]:
+            iterations = int(fit_settings(params, task, method)["iterations"])
+            groups.append({"what": f"{task}/{method}", "fits": fits, "iterations": iterations})
+    sweeps = params.get("sweeps") or {}
+    if sweeps:
+        for key, method in (("lam", "lipschitz"), ("gauss_sigma", "gaussian")):
+            iterations = int(fit_settings(params, sweeps["task"], method)["iterations"])
+            groups.append(
+                {"what": f"sweep {key}", "fits": len(sweeps[key]), "iterations": iterations}
+            )
+    tune = params.get("tune") or {}
+    if tune.get("images"):
+        trials = int((tune.get("settings") or {}).get("trials", 20))
+        iterations = int(fit_settings(params, tune["task"], tune["method"])["iterations"])
+        groups.append(
+            {"what": "tune", "fits": len(tune["images"]) * trials, "iterations": iterations}
+        )
+    return {
+        "groups": groups,
+        "fits": sum(g["fits"] for g in groups),
+        "fit_iterations": sum(g["fits"] * g["iterations"] for g in groups),
+    }
+
+
+def paper_estimate(
+    gflop_per_iteration: float,
+    cpu_step_s: float | None,
+    gpu_tflops: float,
+    gpu_step_s: float | None,
+) -> dict[str, Any]:
+    work = paper_workload()
+    iterations = work["fit_iterations"]
+    per_gpu_step = (
+        gpu_step_s if gpu_step_s is not None else gflop_per_iteration / (1e3 * gpu_tflops)
+    )
+    one_gpu_h = iterations * per_gpu_step / 3600
+    return {
+        **work,
+        "image_size_assumed": f"{PAPER_SIZE}x{PAPER_SIZE}",
+        "gflop_per_iteration": gflop_per_iteration,
+        "basis": (
+            f"measured GPU step time at {PAPER_SIZE}²"
+            if gpu_step_s is not None
+            else f"ESTIMATE: CPU-counted FLOPs over an assumed {gpu_tflops:g} TFLOP/s per GPU"
+        ),
+        "gpu_step_ms": 1e3 * per_gpu_step,
+        "gpu_hours": {str(n): one_gpu_h / n for n in GPU_COUNTS},
+        "this_cpu_days": None if cpu_step_s is None else iterations * cpu_step_s / 86400,
+    }
+
+
+# --- the GPU script ------------------------------------------------------------------------------
+
+
+def gpu_suite(reps: int) -> dict[str, Any]:
+    """512², width 128: one fit and K batched fits, with and without each option."""
+    device = "cuda"
+    options: dict[str, dict[str, Any]] = {
+        "fp32": {},
+        "tf32": {"precision": "tf32"},
+        "bf16": {"precision": "bf16"},
+        "channels_last": {"channels_last": True},
+        "compile": {"compile": True},
+    }
+    rows: dict[str, Any] = {}
+    for option, values in options.items():
+        cases: list[tuple[str, Callable[[], FitState | BatchedFitState]]] = [
+            ("single", lambda v=values: single_state(PAPER_SIZE, 128, 64, device=device, **v))
+        ]
+        if option != "channels_last":  # batched fits lay members out as channel groups
+            members = GPU_BATCH_SIZES if option != "compile" else (4,)
+            cases += [
+                (
+                    f"K={k}",
+                    lambda k=k, v=values: batched_state(PAPER_SIZE, 128, k, 64, device=device, **v),
+                )
+                for k in members
+            ]
+        for label, build in cases:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            state = build()
+            state.step()  # compiles when asked
+            torch.cuda.synchronize()
+
+            def step(state: FitState | BatchedFitState = state) -> None:
+                state.step()
+                torch.cuda.synchronize()
+
+            seconds = timed_medians(step, reps, warmup=3)
+            members_count = 1 if label == "single" else int(label[2:])
+            rows[f"{option} {label}"] = {
+                "step_ms": 1e3 * seconds,
+                "fit_iterations_per_s": members_count / seconds,
+                "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+            }
+            print(f"{option:14s} {label:7s} {1e3 * seconds:9.2f} ms", flush=True)
+            del state
+    return rows
+
+
+# --- report --------------------------------------------------------------------------------------
+
+
+def environment(threads: int) -> dict[str, Any]:
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "threads": threads,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "load_average_1min_start": os.getloadavg()[0],
+    }
+
+
+def report(results: dict[str, Any]) -> str:
+    env, scale = results["environment"], results["scaling"]
+    lines = [
+        f"# bench/run.py — {env['date']}, torch {env['torch']}, {env['threads']} threads, "
+        f"load average {env['load_average_1min_start']:.2f} → {env['load_average_1min_end']:.2f}",
+        "",
+        "## Step time of one fit (width 128, λ = 1.4, measures every iteration)",
+        "",
+        markdown_table(
+            ["output", "ms / step", "GFLOP / step", "GFLOP/s achieved", "of matmul peak"],
+            [
+                [
+                    name,
+                    f"{row['step_ms']:.1f}",
+                    f"{row['gflop_per_step']:.2f}",
+                    f"{row['gflops_achieved']:.1f}",
+                    f"{row['gflops_achieved'] / results['matmul_peak_gflops']:.0%}",
+                ]
+                for name, row in scale["sizes"].items()
+            ],
+        ),
+        "",
+        f"time ∝ pixels^{scale['exponent_128_512']:.3f} from 128² to 512² (target ≤ "
+        f"{EXPONENT_TARGET}: {'met' if scale['exponent_met'] else 'NOT met'}); "
+        f"64² → 128²: ^{scale['exponent_64_128']:.3f}. Matmul peak (float32, measured): "
+        f"{results['matmul_peak_gflops']:.1f} GFLOP/s.",
+        "",
+        "## Overheads (ms / step, width 128)",
+        "",
+    ]
+    rows = []
+    for size, o in results["overheads"].items():
+        ms = o["step_ms"]
+        rows += [
+            [
+                size,
+                "Lipschitz vs none",
+                f"{ms['lipschitz']:.1f} / {ms['plain']:.1f}",
+                f"{o['lipschitz_vs_plain']:.3f}",
+                f"SVD: {o['svd_vs_plain']:.3f}",
+            ],
+            [
+                size,
+                "Gaussian vs bilinear",
+                f"{ms['gaussian']:.1f} / {ms['plain']:.1f}",
+                f"{o['gaussian_vs_bilinear']:.3f}",
+                f"plain ConvTranspose2d: {o['gaussian_naive_vs_bilinear']:.3f}",
+            ],
+            [
+                size,
+                "measures vs none",
+                f"{ms['fit_measured']:.1f} / {ms['fit_unmeasured']:.1f}",
+                f"{o['measures_vs_none']:.3f}",
+                f"NumPy: {o['numpy_measures_vs_none']:.3f}",
+            ],
+        ]
+    lines += [markdown_table(["output", "overhead", "ms", "ratio", "naive ratio"], rows), ""]
+    batch = results["batched"]
+    lines += ["## Batched fits at 64² (fit-iterations per second)", ""]
+    rows = []
+    for width in (str(BATCH_TARGET_WIDTH), "128"):
+        for k, row in batch[width]["batched"].items():
+            rows.append(
+                [
+                    width,
+                    k,
+                    f"{row['step_ms']:.1f}",
+                    f"{row['fit_iterations_per_s']:.1f}",
+                    f"{row['sequential_fit_iterations_per_s']:.1f}",
+                    f"{row['speedup_vs_sequential']:.2f}×",
+                ]
+            )
+    lines.append(
+        markdown_table(
+            ["width", "K", "ms / step", "batched it/s", "sequential it/s", "speedup"], rows
+        )
+    )
+    target, form = batch["target"], batch["formulation"]
+    lines += [
+        "",
+        f"Target K = 4 at width {target['width']} ≥ {target['min_speedup']}×: "
+        f"{target['speedup']:.2f}× ({'met' if target['met'] else 'NOT met'}). Formulation, K = "
+        f"{form['members']}, width {form['width']}, network step only: vmap {form['vmap']:.1f} ms,"
+        f" hand-written grouped convolutions {form['grouped']:.1f} ms, sequential "
+        f"{form['sequential']:.1f} ms.",
+        "",
+        "## Peak memory (CPU: rise of the peak RSS while a fit is built and stepped)",
+        "",
+        markdown_table(
+            ["case", "peak MiB", "per fit MiB"],
+            [
+                [name, f"{row['peak_mib']:.0f}", f"{row['per_fit_mib']:.0f}"]
+                for name, row in results["memory"]["cases"].items()
+            ],
+        ),
+        "",
+    ]
+    paper = results["paper"]
+    lines += [
+        "## The paper profile",
+        "",
+        f"{paper['fits']} fits, {paper['fit_iterations']:,} fit-iterations, images taken as "
+        f"{paper['image_size_assumed']}; {paper['gflop_per_iteration']:.0f} GFLOP per iteration "
+        f"(counted). {paper['basis']}: {paper['gpu_step_ms']:.1f} ms per iteration → "
+        + ", ".join(f"{h:.1f} h on {n} GPU(s)" for n, h in paper["gpu_hours"].items())
+        + f". On this CPU (measured step time): {paper['this_cpu_days']:.0f} days.",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions and sizes")
+    parser.add_argument("--gpu", action="store_true", help="the GPU suite (needs CUDA)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument("--gpu-tflops", type=float, default=DEFAULT_GPU_TFLOPS)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.memory_probe:
+        memory_probe(args.memory_probe)
+        return
+    threads = torch.get_num_threads()
+    results: dict[str, Any] = {"environment": environment(threads)}
+    if args.gpu:
+        if not torch.cuda.is_available():
+            raise SystemExit("--gpu needs a CUDA device")
+        results["gpu"] = gpu_suite(reps=10)
+        single = results["gpu"]["fp32 single"]["step_ms"] / 1e3
+        state = single_state(PAPER_SIZE, 128, iterations=4, device="cuda")
+        flops = step_flops(state.step)
+        results["paper"] = paper_estimate(flops / 1e9, None, args.gpu_tflops, single)
+        results["environment"]["load_average_1min_end"] = os.getloadavg()[0]
+        out = args.out or ROOT / "bench" / "results_gpu.json"
+        write_json(out, results)
+        print(json.dumps(results["paper"], indent=2))
+        print(f"wrote {out}")
+        return
+    results["matmul_peak_gflops_by_size"] = matmul_peak((1024, 2048), reps=5)
+    results["matmul_peak_gflops"] = max(results["matmul_peak_gflops_by_size"].values())
+    results["scaling"] = scaling(args.quick)
+    results["overheads"] = overheads(args.quick)
+    results["batched"] = batched_throughput(args.quick)
+    results["memory"] = memory(args.quick, threads)
+    largest = results["scaling"]["sizes"][f"{PAPER_SIZE}x{PAPER_SIZE}"]
+    results["paper"] = paper_estimate(
+        largest["gflop_per_step"], largest["step_ms"] / 1e3, args.gpu_tflops, None
+    )
+    results["environment"]["load_average_1min_end"] = os.getloadavg()[0]
+    results["quick"] = args.quick
+    out = args.out or ROOT / "bench" / "results.json"
+    write_json(out, results)
+    print(report(results))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
