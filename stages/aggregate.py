@@ -51,7 +51,10 @@ def task_table(
             line: dict[str, Any] = {"variant": variant, "set": image_set, "image": image}
             for method in methods:
                 for metric in TABLE_METRICS:
-                    line[f"{method}.{metric}"] = _float(by_method.get(method, {}).get(metric, ""))
+                    value = _float(by_method.get(method, {}).get(metric, ""))
+                    if metric.endswith("_iteration") and value is not None:
+                        value = int(value)
+                    line[f"{method}.{metric}"] = value
             line["protocol"] = next(iter(by_method.values()))["protocol"]
             line["published_DIP"] = ref.get("images", {}).get(image)
             table.append(line)
@@ -66,6 +69,8 @@ def task_table(
             if "." in key:
                 values = [line[key] for line in mine if line[key] is not None]
                 mean[key] = float(np.mean(values)) if values else None
+                if key.endswith("_iteration") and mean[key] is not None:
+                    mean[key] = round(mean[key])
         mean["published_DIP"] = ref.get("mean", {}).get("DIP")
         mean["published_other"] = (
             ", ".join(
