@@ -16,7 +16,7 @@ from pipeline.fit import FitConfig, fit
 from pipeline.observations import read_observation
 from pipeline.results import write_result
 from pipeline.settings import fit_settings, load_params, parse_variant, variant_name
-from pipeline.tracking import log_fit_run, stage_run
+from pipeline.tracking import git_commit, log_fit_run, stage_run
 from stages.fit import progress_callback
 from stages.prepare import PREPARED
 
@@ -70,7 +70,13 @@ def optimize_command(
     summary = write_result(out, problem, result, extra)
     if track:
         profile = params.get("profile", "custom")
-        tags = {"profile": profile, "dvc_stage": dvc_stage, "task": task, "image": image}
+        tags = {
+            "profile": profile,
+            "dvc_stage": dvc_stage,
+            "task": task,
+            "image": image,
+            "git_commit": git_commit(),
+        }
         fit_params = {
             "task": task,
             "variant": variant,

@@ -33,8 +33,15 @@ def test_fit_writes_images_curves_and_summary(rgb_png: Path, tmp_path: Path):
     out = tmp_path / "out"
     result = invoke("fit", "denoising", rgb_png, "-o", out, "--sigma", "25", *TINY)
     assert result.exit_code == 0, result.output
-    for name in ("observation.png", "clean.png", "restored_stop.png", "restored_final.png",
-                 "restored_best.png", "curves.csv", "summary.json"):
+    for name in (
+        "observation.png",
+        "clean.png",
+        "restored_stop.png",
+        "restored_final.png",
+        "restored_best.png",
+        "curves.csv",
+        "summary.json",
+    ):
         assert (out / name).is_file(), name
     with Image.open(out / "restored_final.png") as restored:
         assert restored.size == (96, 64)  # centre-cropped to multiples of 32
