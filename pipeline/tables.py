@@ -11,11 +11,11 @@ from typing import Any
 from pipeline.imageio import write_bytes_atomic
 
 
-def _cell(value: Any) -> str:
+def _cell(value: Any, digits: int = 4, missing: str = "") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
+        return missing
     if isinstance(value, float):
-        return f"{value:.4f}"
+        return f"{value:.{digits}f}"
     return str(value)
 
 
@@ -36,13 +36,8 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 def markdown(rows: list[dict[str, Any]], columns: list[str], digits: int = 2) -> str:
-    def fmt(value: Any) -> str:
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            return "—"
-        if isinstance(value, float):
-            return f"{value:.{digits}f}"
-        return str(value)
-
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(row.get(c)) for c in columns) + " |" for row in rows]
+    lines += [
+        "| " + " | ".join(_cell(row.get(c), digits, "—") for c in columns) + " |" for row in rows
+    ]
     return "\n".join(lines) + "\n"

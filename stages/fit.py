@@ -29,7 +29,21 @@ def progress_callback(total: int) -> tuple[tqdm, Any]:
     return bar, update
 
 
-def _csv_floats(text: str | None) -> tuple[float, ...] | None:
+def pop_task_options(task: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Take the degradation options (``--sigma`` …) out of ``options``; one given for another
+    task is a usage error."""
+    task_params = {}
+    for name, owner in TASK_OPTIONS.items():
+        value = options.pop(name)
+        if value is None:
+            continue
+        if owner != task:
+            raise click.UsageError(f"--{name} applies to {owner}, not {task}")
+        task_params[name] = value
+    return task_params
+
+
+def csv_floats(text: str | None) -> tuple[float, ...] | None:
     if text is None:
         return None
     try:
@@ -84,19 +98,12 @@ def fit_command(
     **options: Any,
 ) -> None:
     """Fit the deep image prior to IMAGE for TASK and write the results to OUT_DIR."""
-    task_params = {}
-    for name, owner in TASK_OPTIONS.items():
-        value = options.pop(name)
-        if value is None:
-            continue
-        if owner != task:
-            raise click.UsageError(f"--{name} applies to {owner}, not {task}")
-        task_params[name] = value
+    task_params = pop_task_options(task, options)
     make = observed if is_observed else simulate
     problem = make(task, image, task_params, mask, None if channels is None else int(channels))
     settings = {**TASK_DEFAULTS[task], **{k: v for k, v in options.items() if v is not None}}
     if gauss_sigma is not None:
-        settings["gauss_sigma"] = _csv_floats(gauss_sigma)
+        settings["gauss_sigma"] = csv_floats(gauss_sigma)
     config = FitConfig.from_dict(settings)
     bar, update = progress_callback(config.iterations)
     with bar:

@@ -66,7 +66,7 @@ from pipeline.tuning import (
     study_report,
     suggest,
 )
-from stages.fit import TASK_OPTIONS, _csv_floats
+from stages.fit import csv_floats, pop_task_options
 from stages.optimize import _overrides
 from stages.prepare import PREPARED
 
@@ -440,19 +440,12 @@ def tune_command(
 ) -> None:
     """Tune λ (and optionally lr, Gaussian σ) of TASK for IMAGE with an Optuna study."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    task_params = {}
-    for name, owner in TASK_OPTIONS.items():
-        value = options.pop(name)
-        if value is None:
-            continue
-        if owner != task:
-            raise click.UsageError(f"--{name} applies to {owner}, not {task}")
-        task_params[name] = value
+    task_params = pop_task_options(task, options)
     batch = options.pop("batch")
     fit_values = {k: options.pop(k) for k in FIT_OPTIONS}
     fit_values = {k: v for k, v in fit_values.items() if v is not None}
     if gauss_sigma is not None:
-        fit_values["gauss_sigma"] = _csv_floats(gauss_sigma)
+        fit_values["gauss_sigma"] = csv_floats(gauss_sigma)
     tune_values = {k: v for k, v in options.items() if v is not None}
     if ranges:
         tune_values["ranges"] = _ranges(ranges)
