@@ -3,19 +3,20 @@
 Measures, on this machine, medians of interleaved repetitions where variants are compared:
 
 1. Step time of one fit (``FitState.step``: forward, backward, measures, backtracking, Adam; the
-   paper's decoder: width 128, λ = 1.4, bilinear) at 64², 128², 256², 512², and the exponent b
-   of a least-squares fit of time ∝ pixels^b from 128² to 512² (target b ≤ 1.1).
-2. Overheads at 64² (and 128² without ``--quick``), each beside its naive formulation:
+   paper's decoder: width 128, λ = 1.4, bilinear) at 64², 128², 256², 512², NCHW and
+   channels-last side by side, and the exponent b of a least-squares fit of time ∝ pixels^b from
+   128² to 512² (target b ≤ 1.1).
+2. Overheads, each beside its naive formulation, at 64² (and 128² without ``--quick``):
    Lipschitz vs none vs a full SVD per forward, Gaussian vs bilinear vs a plain depthwise
    ``conv_transpose2d`` with its kernel rebuilt per call (both from ``bench/layers_speed.py``),
-   measures every iteration vs none vs the NumPy reference measures (``tests/numpy_reference.py``)
-   with a host copy per iteration.
+   and, at 256², measures every iteration vs none vs the NumPy reference measures
+   (``tests/numpy_reference.py``) with a host copy per iteration.
 3. Batched throughput at 64² for K = 1, 2, 4, 8 against K sequential single fits, at width 32
    (the CPU profile's) and 128, in fit-iterations per second (target: K = 4 at width 32 ≥ 1.5×);
    and the choice of formulation: ``torch.func.vmap`` (pipeline.batched) against hand-written
    grouped convolutions and against running the K networks one after the other.
 4. Achieved FLOP/s of a step (FLOPs counted by ``torch.utils.flop_counter``) against the
-   machine's measured float32 matmul peak.
+   machine's measured float32 matmul peak (and that of one 3×3 convolution alone).
 5. Peak memory per fit: how far the peak resident set of a child process rises while it builds
    a fit and takes two steps, after a tiny warm-up fit (CPU); ``torch.cuda.max_memory_allocated``
    (GPU).
@@ -66,8 +67,7 @@ from bench.layers_speed import (
 from pipeline.batched import BatchedFitState
 from pipeline.degradations import Denoising
 from pipeline.fit import FitConfig, FitState
-from pipeline.lipschitz import LipschitzConv2d
-from pipeline.model import Decoder, DecoderConfig, MeanOnlyBatchNorm, make_input
+from pipeline.model import Decoder, DecoderConfig, make_input
 from pipeline.results import write_json
 from pipeline.settings import fit_settings, load_yaml, task_variants
 from pipeline.upsample import GaussianUpsample
@@ -142,15 +142,35 @@ def step_flops(step: Callable[[], object]) -> int:
     return int(counter.get_total_flops())
 
 
+def best_time(step: Callable[[], object], reps: int, warmup: int) -> float:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
 def matmul_peak(sizes: tuple[int, ...], reps: int) -> dict[str, float]:
-    """Best float32 GFLOP/s of square matrix products (2n³ FLOPs each)."""
+    """Best float32 GFLOP/s of square matrix products (2n³ FLOPs each), per size."""
     best = {}
     for n in sizes:
         generator = torch.Generator().manual_seed(n)
         a, b = (torch.randn(n, n, generator=generator) for _ in range(2))
-        seconds = timed_medians(lambda a=a, b=b: torch.mm(a, b), reps, warmup=2)
-        best[str(n)] = 2 * n**3 / seconds / 1e9
+        best[str(n)] = 2 * n**3 / best_time(lambda a=a, b=b: torch.mm(a, b), reps, 2) / 1e9
     return best
+
+
+def conv_peak(size: int, reps: int) -> float:
+    """Best float32 GFLOP/s of one 128 → 128 3×3 convolution's forward at size² (direct
+    convolution, 2·C_in·C_out·9 FLOPs per output pixel): the decoder's dominant kernel alone."""
+    generator = torch.Generator().manual_seed(size)
+    x = torch.randn(1, 128, size, size, generator=generator)
+    w = torch.randn(128, 128, 3, 3, generator=generator)
+    flops = 2 * 128 * 128 * 9 * size * size
+    return flops / best_time(lambda: F.conv2d(x, w, padding=1), reps, 2) / 1e9
 
 
 def exponent(pixels: list[int], seconds: list[float]) -> float:
@@ -162,31 +182,37 @@ def exponent(pixels: list[int], seconds: list[float]) -> float:
 
 
 def scaling(quick: bool) -> dict[str, Any]:
+    """Step times at every size, NCHW (the default) and channels-last side by side."""
     rows = {}
     for size in SIZES:
         reps = 3 if size >= 256 else (5 if quick else 9)
-        state = single_state(size, 128, iterations=reps + 4)
-        flops = step_flops(state.step)
-        seconds = timed_medians(state.step, reps, warmup=1 if size >= 256 else 2)
+        states = {
+            "nchw": single_state(size, 128, iterations=2 * reps + 6),
+            "channels_last": single_state(size, 128, 2 * reps + 6, channels_last=True),
+        }
+        flops = step_flops(states["nchw"].step)
+        steps = {name: state.step for name, state in states.items()}
+        medians = interleaved_medians(steps, reps=reps, warmup=1 if size >= 256 else 2)
         rows[f"{size}x{size}"] = {
             "pixels": size * size,
-            "step_ms": 1e3 * seconds,
+            "step_ms": 1e3 * medians["nchw"],
+            "step_ms_channels_last": 1e3 * medians["channels_last"],
             "gflop_per_step": flops / 1e9,
-            "gflops_achieved": flops / seconds / 1e9,
+            "gflops_achieved": flops / medians["nchw"] / 1e9,
             "repetitions": reps,
         }
-        del state
+        del states, steps
     pixels = [rows[f"{s}x{s}"]["pixels"] for s in EXPONENT_SIZES]
-    times = [rows[f"{s}x{s}"]["step_ms"] for s in EXPONENT_SIZES]
-    b = exponent(pixels, times)
+    b = exponent(pixels, [rows[f"{s}x{s}"]["step_ms"] for s in EXPONENT_SIZES])
+    b_last = exponent(pixels, [rows[f"{s}x{s}"]["step_ms_channels_last"] for s in EXPONENT_SIZES])
+    small = [64 * 64, 128 * 128]
     return {
         "sizes": rows,
         "exponent_128_512": b,
+        "exponent_128_512_channels_last": b_last,
         "exponent_target": EXPONENT_TARGET,
         "exponent_met": b <= EXPONENT_TARGET,
-        "exponent_64_128": exponent(
-            [64 * 64, 128 * 128], [rows["64x64"]["step_ms"], rows["128x128"]["step_ms"]]
-        ),
+        "exponent_64_128": exponent(small, [rows[f"{s}x{s}"]["step_ms"] for s in (64, 128)]),
     }
 
 
@@ -235,21 +261,27 @@ def measure_overheads(size: int, reps: int) -> dict[str, Any]:
 
 
 def overheads(quick: bool) -> dict[str, Any]:
-    results = {}
+    """Network variants at 64² (and 128²); the measures at 256², where they weigh more."""
+    network = {}
     for size in (64,) if quick else (64, 128):
-        reps = 7 if quick else 15
-        net = network_overheads(size, reps)
-        meas = measure_overheads(size, reps)
-        results[f"{size}x{size}"] = {
-            "step_ms": {**net, **{f"fit_{k}": v for k, v in meas.items()}},
-            "lipschitz_vs_plain": net["lipschitz"] / net["plain"],
-            "svd_vs_plain": net["svd"] / net["plain"],
-            "gaussian_vs_bilinear": net["gaussian"] / net["plain"],
-            "gaussian_naive_vs_bilinear": net["gaussian_naive"] / net["plain"],
-            "measures_vs_none": meas["measured"] / meas["unmeasured"],
-            "numpy_measures_vs_none": meas["numpy"] / meas["unmeasured"],
+        ms = network_overheads(size, reps=7 if quick else 15)
+        network[f"{size}x{size}"] = {
+            "step_ms": ms,
+            "lipschitz_vs_plain": ms["lipschitz"] / ms["plain"],
+            "svd_vs_plain": ms["svd"] / ms["plain"],
+            "gaussian_vs_bilinear": ms["gaussian"] / ms["plain"],
+            "gaussian_naive_vs_bilinear": ms["gaussian_naive"] / ms["plain"],
         }
-    return results
+    size = 256
+    ms = measure_overheads(size, reps=5 if quick else 9)
+    measures = {
+        f"{size}x{size}": {
+            "step_ms": ms,
+            "measures_vs_none": ms["measured"] / ms["unmeasured"],
+            "numpy_measures_vs_none": ms["numpy"] / ms["unmeasured"],
+        }
+    }
+    return {"network": network, "measures": measures}
 
 
 # --- 3.: batched throughput and the choice of formulation ----------------------------------------
@@ -258,49 +290,41 @@ def overheads(quick: bool) -> dict[str, Any]:
 def grouped_forward(
     template: Decoder, weights: dict[str, Tensor], buffers: dict[str, Tensor], z: Tensor
 ) -> Tensor:
-    """The alternative to vmap, written by hand: the K members as K channel groups of one
-    (1, K·C, H, W) map, every convolution grouped (bilinear or Gaussian decoders only)."""
+    """The alternative to vmap, written by hand after ``Decoder.forward``: the K members as K
+    channel groups of one (1, K·C, H, W) map, every convolution grouped (bilinear or Gaussian
+    upsampling only). :func:`formulations` checks it against the vmapped forward."""
     members = z.shape[0]
-    x = z.reshape(1, -1, *z.shape[-2:])
     tensors = {**weights, **buffers}
-    for name, module in template.named_modules():
-        if isinstance(module, LipschitzConv2d):
-            weight = tensors[f"{name}.weight"]
-            if module.padding == "reflection":
-                x = F.pad(x, (module.kernel_size // 2,) * 4, mode="reflect")
-                padding = 0
-            else:
-                padding = module.kernel_size // 2
-            x = F.conv2d(
-                x,
-                weight.flatten(0, 1),
-                tensors[f"{name}.bias"].flatten(),
-                padding=padding,
-                groups=members,
-            )
-        elif isinstance(module, MeanOnlyBatchNorm):
-            grouped = x.view(members, -1, *x.shape[-2:])
-            bias = tensors[f"{name}.bias"][..., None, None]
-            x = (grouped - grouped.mean(dim=(-2, -1), keepdim=True) + bias).view(x.shape)
-        elif isinstance(module, nn.LeakyReLU):
-            x = F.leaky_relu(x, module.negative_slope)
-        elif isinstance(module, nn.Upsample):
-            x = F.interpolate(
-                x, scale_factor=2, mode=module.mode, align_corners=module.align_corners
-            )
-        elif isinstance(module, GaussianUpsample):
-            kernel = tensors[f"{name}.weight"].flatten(0, 1)
+
+    def conv(name: str, module: nn.Module, x: Tensor) -> Tensor:
+        weight, bias = tensors[f"{name}.weight"], tensors[f"{name}.bias"]
+        pad = (weight.shape[-1] - 1) // 2
+        if pad and getattr(module, "padding", None) == "reflection":
+            x, pad = F.pad(x, (pad,) * 4, mode="reflect"), 0
+        return F.conv2d(x, weight.flatten(0, 1), bias.flatten(), padding=pad, groups=members)
+
+    def norm(name: str, x: Tensor) -> Tensor:
+        grouped = x.view(members, -1, *x.shape[-2:])
+        bias = tensors[f"{name}.bias"][..., None, None]
+        return (grouped - grouped.mean(dim=(-2, -1), keepdim=True) + bias).view(x.shape)
+
+    def double(index: int, x: Tensor) -> Tensor:
+        block, name = template.convs[index], f"convs.{index}"
+        slope = block.act.negative_slope
+        x = F.leaky_relu(norm(f"{name}.norm1", conv(f"{name}.conv1", block.conv1, x)), slope)
+        return F.leaky_relu(norm(f"{name}.norm2", conv(f"{name}.conv2", block.conv2, x)), slope)
+
+    x = double(0, z.reshape(1, -1, *z.shape[-2:]))
+    for index, upsampler in enumerate(template.upsamplers, start=1):
+        if isinstance(upsampler, GaussianUpsample):
+            kernel = tensors[f"upsamplers.{index - 1}.weight"].flatten(0, 1)
             x = F.conv_transpose2d(
                 x, kernel, stride=2, padding=2, output_padding=1, groups=kernel.shape[0]
             )
-        elif isinstance(module, nn.Conv2d):
-            x = F.conv2d(
-                x,
-                tensors[f"{name}.weight"].flatten(0, 1),
-                tensors[f"{name}.bias"].flatten(),
-                groups=members,
-            )
-    return torch.sigmoid(x).view(members, -1, *x.shape[-2:])
+        else:
+            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        x = double(index, x)
+    return torch.sigmoid(conv("tail", template.tail, x)).view(members, -1, *x.shape[-2:])
 
 
 def network_step(state: BatchedFitState, forward: Callable[[], Tensor]) -> Callable[[], None]:
@@ -450,7 +474,8 @@ def paper_workload(path: Path = ROOT / "profiles" / "paper.yaml") -> dict[str, A
     sweeps = params.get("sweeps") or {}
     if sweeps:
         for key, method in (("lam", "lipschitz"), ("gauss_sigma", "gaussian")):
-            iterations = int(fit_settings(params, sweeps["task"], method)["iterations"])
+            own = sweeps.get("iterations")
+            iterations = int(own or fit_settings(params, sweeps["task"], method)["iterations"])
             groups.append(
                 {"what": f"sweep {key}", "fits": len(sweeps[key]), "iterations": iterations}
             )
@@ -498,47 +523,61 @@ def paper_estimate(
 # --- the GPU script ------------------------------------------------------------------------------
 
 
-def gpu_suite(reps: int) -> dict[str, Any]:
-    """512², width 128: one fit and K batched fits, with and without each option."""
-    device = "cuda"
-    options: dict[str, dict[str, Any]] = {
-        "fp32": {},
-        "tf32": {"precision": "tf32"},
-        "bf16": {"precision": "bf16"},
-        "channels_last": {"channels_last": True},
-        "compile": {"compile": True},
-    }
+GPU_OPTIONS: dict[str, dict[str, Any]] = {
+    "fp32": {},
+    "tf32": {"precision": "tf32"},
+    "bf16": {"precision": "bf16"},
+    "channels_last": {"channels_last": True},
+    "compile": {"compile": True},
+}
+
+
+def gpu_suite(
+    reps: int,
+    device: str = "cuda",
+    size: int = PAPER_SIZE,
+    options: tuple[str, ...] = tuple(GPU_OPTIONS),
+    batch_sizes: tuple[int, ...] = GPU_BATCH_SIZES,
+) -> dict[str, Any]:
+    """Width 128 at size²: one fit and K batched fits, with and without each option (batched
+    fits ignore channels-last; compile is timed for one fit and K = 4 only, its compilation
+    taking minutes). ``device="cpu"`` runs the same code for a smoke test."""
+    cuda = device.startswith("cuda")
+
+    def synchronize() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
     rows: dict[str, Any] = {}
-    for option, values in options.items():
-        cases: list[tuple[str, Callable[[], FitState | BatchedFitState]]] = [
-            ("single", lambda v=values: single_state(PAPER_SIZE, 128, 64, device=device, **v))
+    for option in options:
+        values = GPU_OPTIONS[option]
+        cases: list[tuple[int, Callable[[], FitState | BatchedFitState]]] = [
+            (0, lambda v=values: single_state(size, 128, 64, device=device, **v))
         ]
-        if option != "channels_last":  # batched fits lay members out as channel groups
-            members = GPU_BATCH_SIZES if option != "compile" else (4,)
+        if option != "channels_last":
+            members = batch_sizes if option != "compile" else (4,)
             cases += [
-                (
-                    f"K={k}",
-                    lambda k=k, v=values: batched_state(PAPER_SIZE, 128, k, 64, device=device, **v),
-                )
+                (k, lambda k=k, v=values: batched_state(size, 128, k, 64, device=device, **v))
                 for k in members
             ]
-        for label, build in cases:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+        for members_count, build in cases:
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
             state = build()
             state.step()  # compiles when asked
-            torch.cuda.synchronize()
+            synchronize()
 
             def step(state: FitState | BatchedFitState = state) -> None:
                 state.step()
-                torch.cuda.synchronize()
+                synchronize()
 
             seconds = timed_medians(step, reps, warmup=3)
-            members_count = 1 if label == "single" else int(label[2:])
+            label = f"K={members_count}" if members_count else "single"
             rows[f"{option} {label}"] = {
                 "step_ms": 1e3 * seconds,
-                "fit_iterations_per_s": members_count / seconds,
-                "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+                "fit_iterations_per_s": max(members_count, 1) / seconds,
+                "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
             }
             print(f"{option:14s} {label:7s} {1e3 * seconds:9.2f} ms", flush=True)
             del state
@@ -570,11 +609,12 @@ def report(results: dict[str, Any]) -> str:
         "## Step time of one fit (width 128, λ = 1.4, measures every iteration)",
         "",
         markdown_table(
-            ["output", "ms / step", "GFLOP / step", "GFLOP/s achieved", "of matmul peak"],
+            ["output", "ms / step", "channels-last", "GFLOP / step", "GFLOP/s", "of matmul peak"],
             [
                 [
                     name,
                     f"{row['step_ms']:.1f}",
+                    f"{row['step_ms_channels_last']:.1f}",
                     f"{row['gflop_per_step']:.2f}",
                     f"{row['gflops_achieved']:.1f}",
                     f"{row['gflops_achieved'] / results['matmul_peak_gflops']:.0%}",
@@ -584,15 +624,17 @@ def report(results: dict[str, Any]) -> str:
         ),
         "",
         f"time ∝ pixels^{scale['exponent_128_512']:.3f} from 128² to 512² (target ≤ "
-        f"{EXPONENT_TARGET}: {'met' if scale['exponent_met'] else 'NOT met'}); "
-        f"64² → 128²: ^{scale['exponent_64_128']:.3f}. Matmul peak (float32, measured): "
-        f"{results['matmul_peak_gflops']:.1f} GFLOP/s.",
+        f"{EXPONENT_TARGET}: {'met' if scale['exponent_met'] else 'NOT met'}; channels-last "
+        f"^{scale['exponent_128_512_channels_last']:.3f}); 64² → 128²: "
+        f"^{scale['exponent_64_128']:.3f}. Measured float32 peaks: matmul (torch.mm) "
+        f"{results['matmul_peak_gflops']:.1f} GFLOP/s, one 128-channel 3×3 convolution at 128² "
+        f"{results['conv_peak_gflops']:.1f} GFLOP/s.",
         "",
         "## Overheads (ms / step, width 128)",
         "",
     ]
     rows = []
-    for size, o in results["overheads"].items():
+    for size, o in results["overheads"]["network"].items():
         ms = o["step_ms"]
         rows += [
             [
@@ -600,7 +642,7 @@ def report(results: dict[str, Any]) -> str:
                 "Lipschitz vs none",
                 f"{ms['lipschitz']:.1f} / {ms['plain']:.1f}",
                 f"{o['lipschitz_vs_plain']:.3f}",
-                f"SVD: {o['svd_vs_plain']:.3f}",
+                f"SVD per forward: {o['svd_vs_plain']:.3f}",
             ],
             [
                 size,
@@ -609,14 +651,18 @@ def report(results: dict[str, Any]) -> str:
                 f"{o['gaussian_vs_bilinear']:.3f}",
                 f"plain ConvTranspose2d: {o['gaussian_naive_vs_bilinear']:.3f}",
             ],
+        ]
+    for size, o in results["overheads"]["measures"].items():
+        ms = o["step_ms"]
+        rows.append(
             [
                 size,
                 "measures vs none",
-                f"{ms['fit_measured']:.1f} / {ms['fit_unmeasured']:.1f}",
+                f"{ms['measured']:.1f} / {ms['unmeasured']:.1f}",
                 f"{o['measures_vs_none']:.3f}",
                 f"NumPy: {o['numpy_measures_vs_none']:.3f}",
-            ],
-        ]
+            ]
+        )
     lines += [markdown_table(["output", "overhead", "ms", "ratio", "naive ratio"], rows), ""]
     batch = results["batched"]
     lines += ["## Batched fits at 64² (fit-iterations per second)", ""]
@@ -698,11 +744,25 @@ def main() -> None:
         results["environment"]["load_average_1min_end"] = os.getloadavg()[0]
         out = args.out or ROOT / "bench" / "results_gpu.json"
         write_json(out, results)
-        print(json.dumps(results["paper"], indent=2))
+        env = results["environment"]
+        print(f"\n# bench/run.py --gpu — {env['date']}, {env['cuda']}, torch {env['torch']}\n")
+        rows = [
+            [case, f"{row['step_ms']:.1f}", f"{row['fit_iterations_per_s']:.1f}",
+             f"{row['peak_gib']:.2f}"]
+            for case, row in results["gpu"].items()
+        ]  # fmt: skip
+        print(markdown_table(["512², width 128", "ms / step", "fit it/s", "peak GiB"], rows))
+        paper = results["paper"]
+        print(
+            f"\npaper profile ({paper['basis']}): "
+            + ", ".join(f"{h:.1f} h on {n} GPU(s)" for n, h in paper["gpu_hours"].items())
+        )
         print(f"wrote {out}")
         return
-    results["matmul_peak_gflops_by_size"] = matmul_peak((1024, 2048), reps=5)
+    sizes = (1024, 2048) if args.quick else (1024, 2048, 4096)
+    results["matmul_peak_gflops_by_size"] = matmul_peak(sizes, reps=5)
     results["matmul_peak_gflops"] = max(results["matmul_peak_gflops_by_size"].values())
+    results["conv_peak_gflops"] = conv_peak(128, reps=5)
     results["scaling"] = scaling(args.quick)
     results["overheads"] = overheads(args.quick)
     results["batched"] = batched_throughput(args.quick)

@@ -16,7 +16,7 @@ size, or one image with different λ, Gaussian σ or seeds — advance in lockst
   template's 3×3 convolutions are uncontrolled and each member's used weight
   ``W_k = W̄_k / max(1, σ̂(W̄_k)/λ_k)`` is formed before the vmapped pass, with σ̂ from the layer's
   own certified estimator :func:`~pipeline.lipschitz.certified_sigma` run on all K weights at once
-  (warm starts ``u`` kept per member). A member with λ ≤ 0 uses ``λ_k = ∞``: W_k = W̄_k exactly, so
+  (warm-start bases kept per member). A member with λ ≤ 0 uses ``λ_k = ∞``: W_k = W̄_k exactly, so
   the DIP baseline can share a batch with controlled members. Gaussian σ differs per member
   through the stacked kernel buffers of :class:`~pipeline.upsample.GaussianUpsample`.
 - **Optimiser.** One Adam over the stacked parameters. Adam is elementwise (each entry's update
@@ -72,7 +72,7 @@ from pipeline.fit import (
     to_device,
     uses_backtracking,
 )
-from pipeline.lipschitz import DEFAULT_POWER_STEPS, LipschitzConv2d, certified_sigma
+from pipeline.lipschitz import LipschitzConv2d, _gram, certified_sigma
 from pipeline.model import Decoder
 
 MEMBER_SETTINGS = ("seed", "lam", "gauss_sigma")
@@ -105,7 +105,7 @@ class _ControlledLayer:
 
     weight: str  # the parameter's name, e.g. "head.0.weight"
     lam: Tensor  # (K,) float64; inf for members without control
-    u: Tensor  # (K, n) warm starts of the certified σ
+    basis: Tensor  # (K, n, p) warm starts of the certified σ
     rtol: float
 
 
@@ -241,7 +241,9 @@ class BatchedFitState:
                     weight=f"{name}.weight",
                     lam=torch.tensor(lam, dtype=torch.float64, device=self.device),
                     # An uncontrolled member's σ is never used; it starts where the others do.
-                    u=torch.stack([(layer if layer.controlled else first).u for layer in own]),
+                    basis=torch.stack(
+                        [(layer if layer.controlled else first).basis for layer in own]
+                    ),
                     rtol=first.rtol,
                 )
             )
@@ -257,10 +259,9 @@ class BatchedFitState:
         for layer in self.layers:
             free = self.params[layer.weight]
             with torch.no_grad():
-                sigma, u = certified_sigma(
-                    free.detach().flatten(2), layer.u, DEFAULT_POWER_STEPS, layer.rtol
-                )
-                layer.u.copy_(u)
+                grams = _gram(free.detach().flatten(2))
+                sigma, basis = certified_sigma(grams, layer.basis, layer.rtol)
+                layer.basis.copy_(basis)
             scale = (sigma / layer.lam).clamp(min=1.0).to(free.dtype)
             weights[layer.weight] = free / scale.view(-1, 1, 1, 1, 1)
         return weights
@@ -371,7 +372,7 @@ class BatchedFitState:
         self.buffers = {name: b.index_select(0, index) for name, b in self.buffers.items()}
         for layer in self.layers:
             layer.lam = layer.lam.index_select(0, index)
-            layer.u = layer.u.index_select(0, index)
+            layer.basis = layer.basis.index_select(0, index)
         self.z = self.z.index_select(0, index)
         self.noise = [self.noise[position] for position in keep]
         if self.backtrack:

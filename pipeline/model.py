@@ -11,19 +11,22 @@ with d = depth = 5 and width = 128 by default, so the output is 32 × the input 
 are kaiming-uniform (a = 0, fan_in), biases PyTorch's default. At the defaults an RGB decoder has
 1,662,339 parameters (≈1.66 M, as in §1).
 
-The forward has no Python branching on tensor values and all per-layer state (the power-iteration
-vectors of the Lipschitz layers) lives in buffers, so K independent fits can be batched with
-``torch.func.functional_call`` + ``torch.func.vmap`` over stacked parameters and buffers.
+The forward certifies σ of all twelve Lipschitz-controlled convolutions in one batched call
+(pipeline.lipschitz) and has no Python branching on tensor values outside that call, whose one
+data-dependent branch is vmap-safe; all per-layer state (the warm-start bases) lives in buffers.
+So K independent fits can be batched with ``torch.func.functional_call`` + ``torch.func.vmap``
+over stacked parameters and buffers.
 """
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from pipeline.errors import UserError
-from pipeline.lipschitz import PADDINGS, LipschitzConv2d
+from pipeline.lipschitz import PADDINGS, LipschitzConv2d, certified_sigmas
 from pipeline.upsample import UPSAMPLE_KINDS, make_upsampler
 
 INPUT_KINDS = ("fourier", "noise", "meshgrid")
@@ -137,15 +140,21 @@ class MeanOnlyBatchNorm(nn.Module):
         return str(self.num_features)
 
 
-def _conv2x(cin: int, cout: int, config: DecoderConfig) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for a, b in ((cin, cout), (cout, cout)):
-        layers += [
-            LipschitzConv2d(a, b, 3, lam=config.lam, padding=config.padding),
-            MeanOnlyBatchNorm(b),
-            nn.LeakyReLU(config.negative_slope),
-        ]
-    return nn.Sequential(*layers)
+class DoubleConv(nn.Module):
+    """conv2x(a → b) = [pad → LipschitzConv2d 3×3 → mean-only BN → LeakyReLU] × 2 (§1)."""
+
+    def __init__(self, cin: int, cout: int, config: DecoderConfig) -> None:
+        super().__init__()
+        self.conv1 = LipschitzConv2d(cin, cout, 3, lam=config.lam, padding=config.padding)
+        self.norm1 = MeanOnlyBatchNorm(cout)
+        self.conv2 = LipschitzConv2d(cout, cout, 3, lam=config.lam, padding=config.padding)
+        self.norm2 = MeanOnlyBatchNorm(cout)
+        self.act = nn.LeakyReLU(config.negative_slope)
+
+    def forward(self, x: Tensor, sigmas: Sequence[Tensor | None] = (None, None)) -> Tensor:
+        """``sigmas``: σ̂ of the two convolutions if already certified (see Decoder.forward)."""
+        x = self.act(self.norm1(self.conv1(x, sigmas[0])))
+        return self.act(self.norm2(self.conv2(x, sigmas[1])))
 
 
 class Decoder(nn.Module):
@@ -155,6 +164,8 @@ class Decoder(nn.Module):
     :param generator: the random source of the initial weights (kaiming-uniform, a = 0, fan_in,
         for every convolution; PyTorch's default for biases). None draws them from the global RNG,
         so ``torch.manual_seed`` fixes them; with a generator the global RNG is left untouched.
+
+    Modules: ``convs`` (depth + 1 DoubleConv, coarse → fine), ``upsamplers`` (depth), ``tail``.
     """
 
     def __init__(self, config: DecoderConfig, generator: torch.Generator | None = None) -> None:
@@ -163,12 +174,12 @@ class Decoder(nn.Module):
         # Layers draw a default init from the global RNG at construction; fork it so those draws
         # are discarded, and draw the real init below in a fixed module order.
         with torch.random.fork_rng(devices=[]):
-            self.head = _conv2x(config.in_channels, config.width, config)
-            self.blocks = nn.ModuleList(
-                nn.Sequential(
-                    make_upsampler(kind, config.width, sigma, padding=config.padding),
-                    _conv2x(config.width, config.width, config),
-                )
+            self.convs = nn.ModuleList(
+                [DoubleConv(config.in_channels, config.width, config)]
+                + [DoubleConv(config.width, config.width, config) for _ in range(config.depth)]
+            )
+            self.upsamplers = nn.ModuleList(
+                make_upsampler(kind, config.width, sigma, padding=config.padding)
                 for kind, sigma in zip(config.block_upsamplers, config.gauss_sigma, strict=True)
             )
             self.tail = nn.Conv2d(config.width, config.out_channels, kernel_size=1)
@@ -188,10 +199,22 @@ class Decoder(nn.Module):
             elif isinstance(module, MeanOnlyBatchNorm):
                 nn.init.zeros_(module.bias)
 
+    def sigmas(self) -> list[Tensor | None]:
+        """σ̂ of every 3×3 convolution's current weight (coarse → fine); None where λ ≤ 0.
+
+        Certified together in one batched call (see pipeline.lipschitz), which updates the
+        convolutions' warm starts; σ ≤ σ̂ ≤ (1 + rtol)·σ.
+        """
+        layers = [conv for block in self.convs for conv in (block.conv1, block.conv2)]
+        return certified_sigmas(layers) if self.config.lam > 0 else [None] * len(layers)
+
     def forward(self, z: Tensor) -> Tensor:
-        x = self.head(z)
-        for block in self.blocks:
-            x = block(x)
+        # σ̂ of all controlled convolutions is certified up front, for the weights as they are
+        # now; each convolution then uses its own.
+        sigmas = self.sigmas()
+        x = self.convs[0](z, sigmas[0:2])
+        for i, upsample in enumerate(self.upsamplers, start=1):
+            x = self.convs[i](upsample(x), sigmas[2 * i : 2 * i + 2])
         return torch.sigmoid(self.tail(x))
 
 

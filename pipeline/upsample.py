@@ -15,14 +15,15 @@ normalised 1-D kernel k(i) ∝ exp(−((i − 3)/2)² / (2σ²)), which is how i
 unit impulse at the centre. The transposed convolution with that kernel places x[i, j] at
 (2i, 2j) and leaves every other output pixel 0: exact zero insertion.
 
-How it is computed: one depthwise ``conv_transpose2d`` with the full 5×5 kernel runs as a single
-fused oneDNN kernel. On the 2-core reference CPU it was faster than bilinear interpolation for maps
-up to 64×64, while the separable and polyphase forms tried (two 1-D transposed convolutions; the
-four output phases as a 3×3 convolution + pixel shuffle; slicing-based 1-D phase filters;
-block-banded matrix products) were all slower. Above 64×64 the single call loses to bilinear
-through cache misses, and running it on groups of 16 channels made it faster than bilinear again
-(``bench/layers_speed.py`` measures all of this). The result is identical either way: every
-output value is the same sum of the same products.
+How it is computed: one depthwise ``conv_transpose2d`` with the full 5×5 kernel, a single fused
+oneDNN kernel, on groups of 16 channels once a map has 96×96 pixels or more (smaller groups stay
+in cache; one call over all channels was 1.3–1.9× slower than bilinear on 128² and 256² maps).
+Every output value is the same sum of the same products either way. On the 2-core reference CPU
+this is faster than bilinear interpolation on maps of 16×16 and more (0.2–0.8×) and slower only
+on the smallest maps (1.1–3× on 2×2 to 8×8, under 0.2 ms), so a decoder step with Gaussian
+upsampling costs no more than with bilinear. The separable and polyphase forms tried (two 1-D
+transposed convolutions; the four output phases as a 3×3 convolution + pixel shuffle; 1-D phase
+filters by slicing) were slower at every size. ``bench/layers_speed.py`` measures all of this.
 """
 
 import math

@@ -10,8 +10,9 @@ IMAGE is either
   options, and params.yaml's ``tune`` section gives the tuning defaults.
 
 ``--batch K`` (params.yaml ``tune.batch``; 1 by default) fits K trials at once in one batched
-network pass (:func:`run_trials_batched`): on 2 CPU cores at the CPU profile's width that is
-about twice the trials per hour (``bench/run.py``), on a GPU more.
+network pass (:func:`run_trials_batched`). On 2 CPU cores at the CPU profile's size (64², width
+32) four members ran 2.0× the iterations per second of four single fits, at width 128 only 1.1×
+(compute-bound; ``bench/results.json``).
 
 A file path wins when both exist. Every invocation runs ``--trials`` more trials of the study
 (created or resumed, :mod:`pipeline.tuning`) and writes the best values so far to

@@ -14,7 +14,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from pipeline import lipschitz
 from pipeline.errors import UserError
-from pipeline.lipschitz import LipschitzConv2d, certified_sigma
+from pipeline.lipschitz import LipschitzConv2d, certified_sigma, certified_sigmas
 from pipeline.upsample import (
     CHUNK_MIN_PIXELS,
     UPSAMPLE_KINDS,
@@ -69,26 +69,49 @@ def test_sigma_exact_and_bound_at_every_adam_step(lam: float) -> None:
     assert max(sigmas) - min(sigmas) > 0.1
 
 
-def test_certificate_falls_back_when_warm_start_is_wrong() -> None:
-    # Two nearly equal top singular values and a warm start exactly on the second one: a plain
-    # power iteration stays there (σ₂ = 0.999), the certificate must reject it.
-    generator = torch.Generator().manual_seed(1)
-    U, _ = torch.linalg.qr(torch.randn(8, 8, generator=generator, dtype=torch.float64))
-    V, _ = torch.linalg.qr(torch.randn(30, 8, generator=generator, dtype=torch.float64))
-    s = torch.tensor([1.0, 0.999, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05], dtype=torch.float64)
-    matrix = (U * s) @ V.T
-    sigma, u = certified_sigma(matrix, U[:, 1], 4, 5e-5)
-    assert sigma.item() == pytest.approx(1.0, rel=1e-12)
-    assert abs(abs(u @ U[:, 0]).item() - 1.0) < 1e-10
+def test_certificate_falls_back_when_warm_start_misses_the_top() -> None:
+    # G = diag(d) with the top eigenvalue on e19 and the basis on e0..e3: span[B, GB] is exactly
+    # span{e0..e7}, whose Ritz value 0.999 is the second eigenvalue. The certificate must reject it.
+    d = torch.linspace(0.1, 0.6, 20, dtype=torch.float64)
+    d[0], d[19] = 0.999, 1.0
+    basis = torch.eye(20, 4, dtype=torch.float64)
+    sigma, next_basis = certified_sigma(torch.diag(d)[None], basis[None], 5e-5)
+    assert sigma.item() == 1.0
+    assert abs(next_basis[0, 19, -1].item()) == 1.0
+
+
+@pytest.mark.parametrize("size", [20, 80])  # one Cholesky call / the 2×2 block form
+def test_positive_definite_test_is_exact_at_the_boundary(size: int) -> None:
+    generator = torch.Generator().manual_seed(size)
+    a = torch.randn(3, size, 2 * size, generator=generator, dtype=torch.float64)
+    G = a @ a.mT
+    top = torch.linalg.eigvalsh(G)[:, -1]
+    for factor, expected in [(1 - 1e-7, False), (1 + 1e-7, True)]:
+        shifted = -G
+        shifted.diagonal(dim1=-2, dim2=-1).add_((factor * top)[:, None])
+        assert lipschitz._positive_definite(shifted).tolist() == [expected] * 3
 
 
 def test_certified_sigma_batches_under_vmap() -> None:
     generator = torch.Generator().manual_seed(2)
-    matrices = torch.randn(4, 5, 12, generator=generator)
-    starts = torch.randn(4, 5, generator=generator)
-    batched, _ = vmap(certified_sigma, in_dims=(0, 0, None, None))(matrices, starts, 4, 5e-5)
+    matrices = torch.randn(4, 3, 5, 12, generator=generator)
+    grams = matrices @ matrices.mT
+    bases = torch.linalg.qr(torch.randn(4, 3, 5, 2, generator=generator))[0]
+    batched, _ = vmap(certified_sigma, in_dims=(0, 0, None))(grams, bases, 5e-5)
     exact = torch.linalg.matrix_norm(matrices.double(), ord=2)
-    assert torch.all((batched - exact).abs() <= 5e-5 * exact)
+    assert torch.all(batched >= exact * (1 - 1e-6))
+    assert torch.all(batched <= exact * (1 + 5e-5 + 1e-6))
+
+
+def test_certified_sigmas_of_several_layers_match_each_alone() -> None:
+    torch.manual_seed(0)
+    layers = [LipschitzConv2d(4, 6, 3, lam=1.0) for _ in range(3)] + [LipschitzConv2d(1, 6, 1, 1.0)]
+    together = certified_sigmas(layers)  # the last one has a 1×1 Gram: its own group
+    for layer, sigma in zip(layers, together, strict=True):
+        exact = exact_sigma(layer.weight)
+        assert exact * (1 - 1e-6) <= sigma.item() <= exact * (1 + 5e-5 + 1e-6)
+    with pytest.raises(ValueError, match="lam <= 0"):
+        certified_sigmas([LipschitzConv2d(2, 2, 3, lam=0.0)])
 
 
 def test_plain_layer_is_nn_conv2d_and_computes_no_norm(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -103,7 +126,7 @@ def test_plain_layer_is_nn_conv2d_and_computes_no_norm(monkeypatch: pytest.Monke
     conv.load_state_dict(layer.state_dict())
     x = torch.randn(1, 4, 13, 17)
     torch.testing.assert_close(layer(x), conv(F.pad(x, (1, 1, 1, 1), mode="reflect")))
-    assert "u" not in layer.state_dict()
+    assert "basis" not in layer.state_dict()
 
 
 def test_gradient_treats_sigma_as_constant() -> None:
@@ -160,7 +183,7 @@ def test_state_dict_round_trip_and_eval_equals_train() -> None:
         optimizer.step()
     clone = LipschitzConv2d(3, 4, 3, lam=0.5)
     clone.load_state_dict(layer.state_dict())
-    torch.testing.assert_close(clone.u, layer.u)
+    torch.testing.assert_close(clone.basis, layer.basis)
     torch.testing.assert_close(clone.eval()(x), layer.train()(x), rtol=1e-4, atol=1e-6)
 
 

@@ -73,6 +73,23 @@ def test_twelve_controlled_convolutions() -> None:
     assert sum(not m.controlled for m in convs) == 5  # the conv after each deconvolution
 
 
+def test_decoder_sigmas_stay_exact_while_training() -> None:
+    config = small_config(lam=0.8)
+    model = Decoder(config, seeded(0))
+    z = make_input(config, 12, 20, seeded(1))
+    target = torch.rand(1, 3, 12, 20, generator=seeded(2))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    layers = [conv for block in model.convs for conv in (block.conv1, block.conv2)]
+    for _ in range(10):
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(z), target).backward()
+        optimizer.step()
+        for layer, sigma in zip(layers, model.sigmas(), strict=True):
+            exact = torch.linalg.matrix_norm(layer.weight.detach().flatten(1).double(), ord=2)
+            assert exact * (1 - 1e-6) <= sigma <= exact * (1 + 1e-4)
+    assert Decoder(small_config(lam=0.0), seeded(0)).sigmas() == [None] * 6
+
+
 def test_per_block_gaussian_sigma() -> None:
     config = small_config(depth=3, upsample="gaussian", gauss_sigma=(0.1, 0.3, 0.7))
     model = Decoder(config, seeded(0))
