@@ -228,8 +228,9 @@ class LipschitzConv2d(nn.Module):
     def sigma_max(self) -> Tensor:
         """σ̂ for the current W̄ reshaped to (C_out, C_in·k·k), computed now (float64 scalar).
 
-        For λ > 0 this is the certified value a forward uses (σ ≤ σ̂ ≤ (1 + rtol)·σ); for λ ≤ 0
-        the layer keeps no warm start and the exact value is computed.
+        For λ > 0 this is the certified value a forward uses (σ ≤ σ̂ ≤ (1 + rtol)·σ), and the
+        call refreshes the warm start; for λ ≤ 0 the layer keeps no warm start and the exact
+        value is computed.
         """
         if not self.controlled:
             with torch.no_grad():
