@@ -11,6 +11,9 @@ from pipeline.settings import load_yaml
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
+# Tiny fits gain nothing from a second thread and slow down badly when the cores are shared.
+torch.set_num_threads(1)
+
 
 @pytest.fixture
 def astronaut_64() -> torch.Tensor:
