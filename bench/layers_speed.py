@@ -139,6 +139,16 @@ def interleaved_times(
     return times
 
 
+def interleaved_medians(
+    functions: dict[str, Callable[[], object]], reps: int, warmup: int = 2
+) -> dict[str, float]:
+    """Median seconds per call of each function over ``reps`` interleaved rounds, after
+    ``warmup`` untimed rounds."""
+    interleaved_times(functions, warmup)
+    times = interleaved_times(functions, reps)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 # --- candidate forms of the Gaussian upsampler (op-level comparison only) ---------------------
 
 

@@ -103,7 +103,7 @@ def common_config(configs: Sequence[FitConfig]) -> FitConfig:
 class _ControlledLayer:
     """Per-member state of one Lipschitz-controlled 3×3 convolution of the decoder."""
 
-    weight: str  # the parameter's name, e.g. "head.0.weight"
+    weight: str  # the parameter's name, e.g. "convs.0.conv1.weight"
     lam: Tensor  # (K,) float64; inf for members without control
     basis: Tensor  # (K, n, p) warm starts of the certified σ
     rtol: float
