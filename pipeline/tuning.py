@@ -45,7 +45,7 @@ from torch import Tensor
 
 from pipeline.degradations import Degradation
 from pipeline.errors import UserError
-from pipeline.fit import FitConfig, FitState, fit
+from pipeline.fit import FitConfig, FitResult, FitState, fit
 from pipeline.problem import Problem
 from pipeline.tracking import repo_root
 
@@ -337,12 +337,19 @@ class Objective:
             trial.set_user_attr("pruned_at", state.iteration)
             self._emit(trial, values, config, state.curves_numpy(), {"pruned_at": state.iteration})
             raise
+        return self.score(trial, values, config, result)
+
+    def score(
+        self,
+        trial: optuna.Trial,
+        values: dict[str, float],
+        config: FitConfig,
+        result: FitResult,
+    ) -> float:
+        """A finished trial's score at its stop, recorded on the trial and emitted."""
         summary = result.summary()
-        scores: dict[str, Any] = {
-            key: summary[key]
-            for key in ("stop_iteration", "iterations_run", "psnr_stop", "psnr_best")
-        }
-        scores["wall_time_s"] = summary["wall_time_s"]
+        keys = ("stop_iteration", "iterations_run", "psnr_stop", "psnr_best", "wall_time_s")
+        scores: dict[str, Any] = {key: summary[key] for key in keys}
         if self.holdout is not None:
             scores["holdout_psnr_stop"] = self.holdout.holdout_psnr(result.at_stop)
         value = scores["holdout_psnr_stop" if self.holdout is not None else "psnr_stop"]

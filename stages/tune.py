@@ -35,7 +35,7 @@ from optuna.trial import TrialState
 
 from pipeline.batched import MemberView, fit_batched
 from pipeline.errors import UserError
-from pipeline.fit import TASK_DEFAULTS, FitConfig, FitResult
+from pipeline.fit import TASK_DEFAULTS, FitConfig
 from pipeline.imageio import write_bytes_atomic
 from pipeline.observations import read_observation
 from pipeline.problem import Problem, observed, simulate
@@ -278,26 +278,6 @@ def write_outputs(
     return report
 
 
-def _score(
-    objective: Objective,
-    trial: optuna.Trial,
-    values: dict[str, float],
-    config: FitConfig,
-    result: FitResult,
-) -> float:
-    """A finished trial's score at its stop, recorded on the trial as ``Objective`` does."""
-    summary = result.summary()
-    keys = ("stop_iteration", "iterations_run", "psnr_stop", "psnr_best", "wall_time_s")
-    scores: dict[str, Any] = {key: summary[key] for key in keys}
-    if objective.holdout is not None:
-        scores["holdout_psnr_stop"] = objective.holdout.holdout_psnr(result.at_stop)
-    value = scores["holdout_psnr_stop" if objective.holdout is not None else "psnr_stop"]
-    for key, score in scores.items():
-        trial.set_user_attr(key, score)
-    objective._emit(trial, values, config, result.curves, scores, value)
-    return value
-
-
 def _batched_round(
     objective: Objective, asked: list[optuna.Trial], study: optuna.Study, told: set[int]
 ) -> None:
@@ -333,7 +313,7 @@ def _batched_round(
             objective._emit(trial, values[member], config, result.curves, attrs)
             study.tell(trial, state=TrialState.PRUNED)
         else:
-            study.tell(trial, _score(objective, trial, values[member], config, result))
+            study.tell(trial, objective.score(trial, values[member], config, result))
         told.add(trial.number)
 
 
