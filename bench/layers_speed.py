@@ -11,10 +11,10 @@ the decoder (width 128, depth 5, RGB, bilinear unless named) at 64² and 128² o
     ``gaussian_naive``: the same with a depthwise ``conv_transpose2d`` whose 5×5 kernel is rebuilt
     at every call (the naive form). Their baseline is (a), the same network with bilinear.
 
-All variants step in turn (rotated order), so load from other processes hits them alike. Medians
+All variants step in turn (shuffled order), so load from other processes hits them alike. Medians
 are taken over two windows of the same run: ``early`` (steps 4 to 3 + reps) and ``steady`` (the
-last ``reps`` steps, after ``--settle`` more). Early in a fit the Lipschitz layers' warm starts
-fail their certificate more often and fall back to a full eigendecomposition; a DIP fit is
+last ``reps`` steps, after ``--settle`` more). Early in a fit every forward of the Lipschitz
+layers is certified (pipeline.lipschitz.CERTIFY_WARMUP), later one in 16; a DIP fit is
 thousands of steps, so the targets apply to the steady window: lipschitz/plain ≤ 1.10 and
 gaussian/plain ≤ 1.15 at every size.
 
@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -127,12 +128,17 @@ def training_step(model: nn.Module, z: Tensor, target: Tensor) -> Callable[[], N
 def interleaved_times(
     functions: dict[str, Callable[[], object]], calls: int
 ) -> dict[str, list[float]]:
-    """Seconds of each call; every round calls every function once, in rotated order."""
+    """Seconds of each call; every round calls every function once, in a shuffled order (seeded).
+
+    A rotated order would give each function the same predecessor in almost every round, and
+    what a predecessor leaves behind (caches, a thread pool spinning down) biased the ratios by a
+    few per cent.
+    """
     names = list(functions)
     times: dict[str, list[float]] = {name: [] for name in names}
-    for call in range(calls):
-        shift = call % len(names)
-        for name in names[shift:] + names[:shift]:
+    order = random.Random(0)
+    for _ in range(calls):
+        for name in order.sample(names, len(names)):
             start = time.perf_counter()
             functions[name]()
             times[name].append(time.perf_counter() - start)

@@ -3,8 +3,8 @@
 Measures, on this machine, medians of interleaved repetitions where variants are compared:
 
 1. Step time of one fit (``FitState.step``: forward, backward, measures, backtracking, Adam; the
-   paper's decoder: width 128, λ = 1.4, bilinear) at 64², 128², 256², 512², NCHW and
-   channels-last side by side, and the exponent b of a least-squares fit of time ∝ pixels^b from
+   paper's decoder: width 128, λ = 1.4, bilinear) at 64², 128², 256², 512², channels-last (the
+   default) and NCHW side by side, and the exponent b of a least-squares fit of time ∝ pixels^b from
    128² to 512² (target b ≤ 1.1).
 2. Overheads, each beside its naive formulation, at 64² (and 128² without ``--quick``):
    Lipschitz vs none vs a full SVD per forward, Gaussian vs bilinear vs a plain depthwise
@@ -25,8 +25,8 @@ Measures, on this machine, medians of interleaved repetitions where variants are
    throughput (``--gpu-tflops``) unless a GPU was measured, and over the measured CPU step time.
 
 ``--gpu`` (on a CUDA machine) instead times 512², width 128: one fit and K = 1, 4, 8, 16 batched
-fits, with and without each option (TF32, bf16, channels-last, torch.compile), with peak GPU
-memory, and writes ``bench/results_gpu.json``.
+fits, with and without each option (TF32, bf16, NCHW instead of channels-last, torch.compile),
+with peak GPU memory, and writes ``bench/results_gpu.json``.
 
 Run from the repository root, on an otherwise idle machine (the load average is recorded)::
 
@@ -182,34 +182,34 @@ def exponent(pixels: list[int], seconds: list[float]) -> float:
 
 
 def scaling(quick: bool) -> dict[str, Any]:
-    """Step times at every size, NCHW (the default) and channels-last side by side."""
+    """Step times at every size, channels-last (the default) and NCHW side by side."""
     rows = {}
     for size in SIZES:
         reps = 3 if size >= 256 else (5 if quick else 9)
         states = {
-            "nchw": single_state(size, 128, iterations=2 * reps + 6),
-            "channels_last": single_state(size, 128, 2 * reps + 6, channels_last=True),
+            "default": single_state(size, 128, iterations=2 * reps + 6),
+            "nchw": single_state(size, 128, 2 * reps + 6, channels_last=False),
         }
-        flops = step_flops(states["nchw"].step)
+        flops = step_flops(states["default"].step)
         steps = {name: state.step for name, state in states.items()}
         medians = interleaved_medians(steps, reps=reps, warmup=1 if size >= 256 else 2)
         rows[f"{size}x{size}"] = {
             "pixels": size * size,
-            "step_ms": 1e3 * medians["nchw"],
-            "step_ms_channels_last": 1e3 * medians["channels_last"],
+            "step_ms": 1e3 * medians["default"],
+            "step_ms_nchw": 1e3 * medians["nchw"],
             "gflop_per_step": flops / 1e9,
-            "gflops_achieved": flops / medians["nchw"] / 1e9,
+            "gflops_achieved": flops / medians["default"] / 1e9,
             "repetitions": reps,
         }
         del states, steps
     pixels = [rows[f"{s}x{s}"]["pixels"] for s in EXPONENT_SIZES]
     b = exponent(pixels, [rows[f"{s}x{s}"]["step_ms"] for s in EXPONENT_SIZES])
-    b_last = exponent(pixels, [rows[f"{s}x{s}"]["step_ms_channels_last"] for s in EXPONENT_SIZES])
+    b_nchw = exponent(pixels, [rows[f"{s}x{s}"]["step_ms_nchw"] for s in EXPONENT_SIZES])
     small = [64 * 64, 128 * 128]
     return {
         "sizes": rows,
         "exponent_128_512": b,
-        "exponent_128_512_channels_last": b_last,
+        "exponent_128_512_nchw": b_nchw,
         "exponent_target": EXPONENT_TARGET,
         "exponent_met": b <= EXPONENT_TARGET,
         "exponent_64_128": exponent(small, [rows[f"{s}x{s}"]["step_ms"] for s in (64, 128)]),
@@ -527,7 +527,7 @@ GPU_OPTIONS: dict[str, dict[str, Any]] = {
     "fp32": {},
     "tf32": {"precision": "tf32"},
     "bf16": {"precision": "bf16"},
-    "channels_last": {"channels_last": True},
+    "nchw": {"channels_last": False},
     "compile": {"compile": True},
 }
 
@@ -554,7 +554,7 @@ def gpu_suite(
         cases: list[tuple[int, Callable[[], FitState | BatchedFitState]]] = [
             (0, lambda v=values: single_state(size, 128, 64, device=device, **v))
         ]
-        if option != "channels_last":
+        if option != "nchw":
             members = batch_sizes if option != "compile" else (4,)
             cases += [
                 (k, lambda k=k, v=values: batched_state(size, 128, k, 64, device=device, **v))
@@ -609,12 +609,12 @@ def report(results: dict[str, Any]) -> str:
         "## Step time of one fit (width 128, λ = 1.4, measures every iteration)",
         "",
         markdown_table(
-            ["output", "ms / step", "channels-last", "GFLOP / step", "GFLOP/s", "of matmul peak"],
+            ["output", "ms / step", "NCHW", "GFLOP / step", "GFLOP/s", "of matmul peak"],
             [
                 [
                     name,
                     f"{row['step_ms']:.1f}",
-                    f"{row['step_ms_channels_last']:.1f}",
+                    f"{row['step_ms_nchw']:.1f}",
                     f"{row['gflop_per_step']:.2f}",
                     f"{row['gflops_achieved']:.1f}",
                     f"{row['gflops_achieved'] / results['matmul_peak_gflops']:.0%}",
@@ -624,8 +624,8 @@ def report(results: dict[str, Any]) -> str:
         ),
         "",
         f"time ∝ pixels^{scale['exponent_128_512']:.3f} from 128² to 512² (target ≤ "
-        f"{EXPONENT_TARGET}: {'met' if scale['exponent_met'] else 'NOT met'}; channels-last "
-        f"^{scale['exponent_128_512_channels_last']:.3f}); 64² → 128²: "
+        f"{EXPONENT_TARGET}: {'met' if scale['exponent_met'] else 'NOT met'}; NCHW "
+        f"^{scale['exponent_128_512_nchw']:.3f}); 64² → 128²: "
         f"^{scale['exponent_64_128']:.3f}. Measured float32 peaks: matmul (torch.mm) "
         f"{results['matmul_peak_gflops']:.1f} GFLOP/s, one 128-channel 3×3 convolution at 128² "
         f"{results['conv_peak_gflops']:.1f} GFLOP/s.",

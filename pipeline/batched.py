@@ -15,10 +15,11 @@ size, or one image with different λ, Gaussian σ or seeds — advance in lockst
   :class:`~pipeline.lipschitz.LipschitzConv2d`, so it cannot vary under one template; instead the
   template's 3×3 convolutions are uncontrolled and each member's used weight
   ``W_k = W̄_k / max(1, σ̂(W̄_k)/λ_k)`` is formed before the vmapped pass, with σ̂ from the layer's
-  own certified estimator :func:`~pipeline.lipschitz.certified_sigma` run on all K weights at once
-  (warm-start bases kept per member). A member with λ ≤ 0 uses ``λ_k = ∞``: W_k = W̄_k exactly, so
-  the DIP baseline can share a batch with controlled members. Gaussian σ differs per member
-  through the stacked kernel buffers of :class:`~pipeline.upsample.GaussianUpsample`.
+  own estimator :func:`~pipeline.lipschitz.top_singular_value` run on all K weights at once
+  (warm-start bases kept per member; certified on the single fit's schedule). A member with
+  λ ≤ 0 uses ``λ_k = ∞``: W_k = W̄_k exactly, so the DIP baseline can share a batch with
+  controlled members. Gaussian σ differs per member through the stacked kernel buffers of
+  :class:`~pipeline.upsample.GaussianUpsample`.
 - **Optimiser.** One Adam over the stacked parameters. Adam is elementwise (each entry's update
   depends only on its own gradient, moments and the shared step count), so this is exactly K
   independent Adams. The loss is the sum of the members' losses; member k's parameters receive
@@ -72,7 +73,7 @@ from pipeline.fit import (
     to_device,
     uses_backtracking,
 )
-from pipeline.lipschitz import LipschitzConv2d, _gram, certified_sigma
+from pipeline.lipschitz import LipschitzConv2d, _rows, certified_at, top_singular_value
 from pipeline.model import Decoder
 
 MEMBER_SETTINGS = ("seed", "lam", "gauss_sigma")
@@ -105,7 +106,7 @@ class _ControlledLayer:
 
     weight: str  # the parameter's name, e.g. "convs.0.conv1.weight"
     lam: Tensor  # (K,) float64; inf for members without control
-    basis: Tensor  # (K, n, p) warm starts of the certified σ
+    basis: Tensor  # (K, n, p) warm starts of the σ estimates
     rtol: float
 
 
@@ -256,11 +257,13 @@ class BatchedFitState:
         """The parameters as the forward uses them: each controlled W̄_k replaced by
         W̄_k / max(1, σ̂_k/λ_k), differentiable in W̄_k with σ̂_k held constant (§2)."""
         weights = dict(self.params)
+        certify = certified_at(self.iteration)
         for layer in self.layers:
             free = self.params[layer.weight]
             with torch.no_grad():
-                grams = _gram(free.detach().flatten(2))
-                sigma, basis = certified_sigma(grams, layer.basis, layer.rtol)
+                sigma, basis = top_singular_value(
+                    _rows(free.detach().flatten(2)), layer.basis, layer.rtol, certify
+                )
                 layer.basis.copy_(basis)
             scale = (sigma / layer.lam).clamp(min=1.0).to(free.dtype)
             weights[layer.weight] = free / scale.view(-1, 1, 1, 1, 1)

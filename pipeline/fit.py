@@ -67,7 +67,8 @@ class FitConfig:
     Speed options (results agree with the defaults to rounding, or to bfloat16's precision):
     ``precision`` is ``fp32`` (strict float32; TF32 off on CUDA), ``tf32`` (CUDA's TF32 tensor
     cores for convolutions and matrix products) or ``bf16`` (bfloat16 autocast of the network's
-    forward; losses and measures stay float32); ``channels_last`` stores activations NHWC;
+    forward; losses and measures stay float32); ``channels_last`` (the default) stores activations
+    NHWC, faster on this project's CPU at every size measured (64² width 32 to 512² width 128);
     ``compile`` runs the network through ``torch.compile``.
     """
 
@@ -90,7 +91,7 @@ class FitConfig:
     psnr_protocol: str = "rgb"
     threads: int = 0
     precision: str = "fp32"
-    channels_last: bool = False
+    channels_last: bool = True
     compile: bool = False
 
     def __post_init__(self) -> None:

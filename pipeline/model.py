@@ -11,11 +11,11 @@ with d = depth = 5 and width = 128 by default, so the output is 32 × the input 
 are kaiming-uniform (a = 0, fan_in), biases PyTorch's default. At the defaults an RGB decoder has
 1,662,339 parameters (≈1.66 M, as in §1).
 
-The forward certifies σ of all twelve Lipschitz-controlled convolutions in one batched call
-(pipeline.lipschitz) and has no Python branching on tensor values outside that call, whose one
-data-dependent branch is vmap-safe; all per-layer state (the warm-start bases) lives in buffers.
-So K independent fits can be batched with ``torch.func.functional_call`` + ``torch.func.vmap``
-over stacked parameters and buffers.
+The forward estimates σ of all twelve Lipschitz-controlled convolutions in one batched call per
+weight shape (pipeline.lipschitz) and has no Python branching on tensor values outside that call,
+whose one data-dependent branch is vmap-safe; all per-layer state (the warm-start bases) lives in
+buffers. So K independent fits can be batched with ``torch.func.functional_call`` +
+``torch.func.vmap`` over stacked parameters and buffers.
 """
 
 import math
@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.errors import UserError
-from pipeline.lipschitz import PADDINGS, LipschitzConv2d, certified_sigmas
+from pipeline.lipschitz import PADDINGS, LipschitzConv2d, sigma_estimates
 from pipeline.upsample import UPSAMPLE_KINDS, make_upsampler
 
 INPUT_KINDS = ("fourier", "noise", "meshgrid")
@@ -152,7 +152,7 @@ class DoubleConv(nn.Module):
         self.act = nn.LeakyReLU(config.negative_slope)
 
     def forward(self, x: Tensor, sigmas: Sequence[Tensor | None] = (None, None)) -> Tensor:
-        """``sigmas``: σ̂ of the two convolutions if already certified (see Decoder.forward)."""
+        """``sigmas``: σ̂ of the two convolutions if already estimated (see Decoder.forward)."""
         x = self.act(self.norm1(self.conv1(x, sigmas[0])))
         return self.act(self.norm2(self.conv2(x, sigmas[1])))
 
@@ -202,14 +202,14 @@ class Decoder(nn.Module):
     def sigmas(self) -> list[Tensor | None]:
         """σ̂ of every 3×3 convolution's current weight (coarse → fine); None where λ ≤ 0.
 
-        Certified together in one batched call (see pipeline.lipschitz), which updates the
-        convolutions' warm starts; σ ≤ σ̂ ≤ (1 + rtol)·σ.
+        Estimated together, one batched call per weight shape (see pipeline.lipschitz), which
+        updates the convolutions' warm starts and certifies σ ≤ σ̂ ≤ (1 + rtol)·σ on schedule.
         """
         layers = [conv for block in self.convs for conv in (block.conv1, block.conv2)]
-        return certified_sigmas(layers) if self.config.lam > 0 else [None] * len(layers)
+        return sigma_estimates(layers) if self.config.lam > 0 else [None] * len(layers)
 
     def forward(self, z: Tensor) -> Tensor:
-        # σ̂ of all controlled convolutions is certified up front, for the weights as they are
+        # σ̂ of all controlled convolutions is estimated up front, for the weights as they are
         # now; each convolution then uses its own.
         sigmas = self.sigmas()
         x = self.convs[0](z, sigmas[0:2])

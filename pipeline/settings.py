@@ -10,9 +10,10 @@ Layout of ``params.yaml`` (each stage reads its own section)::
     sweeps:  {...}                # optimize (λ and σ sweeps for the figures)
     evaluate: {...}               # evaluate: stopping rules applied to the logged curves
 
-The fit of one (task, method) merges, later winning: ``fit`` < ``tasks.<task>.fit`` <
-``methods.<method>``, where a method's ``lam: task`` takes the task's λ for that upsampler and a
-setting ``tuned`` the image's value from ``tuned/<task>/<variant>/<image>/values.yaml``.
+The fit of one (task, method, image) merges, later winning: ``fit`` < ``tasks.<task>.fit`` <
+``tasks.<task>.fit.per_image.<image>`` < ``methods.<method>``, where a method's ``lam: task`` takes
+the task's (or the image's) λ for that upsampler and a setting ``tuned`` the image's value from
+``tuned/<task>/<variant>/<image>/values.yaml``.
 """
 
 from __future__ import annotations
@@ -112,10 +113,12 @@ def fit_settings(
     overrides: dict[str, Any] | None = None,
     tuned_root: Path = TUNED,
 ) -> dict[str, Any]:
-    """The flat fit settings of one (task, method): ``fit`` < task's ``fit`` < method <
-    ``overrides``. A value ``task`` of λ takes the task's λ for the method's upsampler; a value
-    ``tuned`` of any setting takes the image's tuned value (:func:`tuned_values_path`)."""
+    """The flat fit settings of one (task, method, image): ``fit`` < task's ``fit`` < the image's
+    entry of the task's ``per_image`` < method < ``overrides``. A value ``task`` of λ takes the
+    task's λ for the method's upsampler; a value ``tuned`` of any setting takes the image's tuned
+    value (:func:`tuned_values_path`)."""
     task_fit = dict(section(params, "tasks", task).get("fit") or {})
+    task_fit.update(_per_image(params, task, task_fit.pop("per_image", None), image))
     method_values = {**dict(section(params, "methods", method)), **(overrides or {})}
     lam_key = "lam_gaussian" if method_values.get("upsample") == "gaussian" else "lam"
     lam_gaussian = task_fit.pop("lam_gaussian", None)
@@ -139,6 +142,23 @@ def fit_settings(
                 raise UserError(f"{path} has no tuned {key} (tuned: {', '.join(tuned)})")
             method_values[key] = tuned[key]
     return {**dict(section(params, "fit")), **task_fit, **method_values}
+
+
+def _per_image(
+    params: dict[str, Any], task: str, per_image: object, image: str | None
+) -> dict[str, Any]:
+    """The image's entry of ``tasks.<task>.fit.per_image`` (settings that differ per image, such as
+    λ, which the paper tunes per image); every entry must name one of the task's images."""
+    if per_image is None:
+        return {}
+    where = f"params.yaml tasks.{task}.fit.per_image"
+    if not isinstance(per_image, dict) or not all(isinstance(v, dict) for v in per_image.values()):
+        raise UserError(f"{where} must map image names to settings, e.g. {{chelsea: {{lam: 0.9}}}}")
+    images = section(params, "tasks", task).get("images") or []
+    unknown = sorted(set(per_image) - set(images))
+    if unknown:
+        raise UserError(f"{where} names {', '.join(unknown)}, not in tasks.{task}.images")
+    return dict(per_image.get(image) or {}) if image is not None else {}
 
 
 def write_params_atomic(path: Path, params: dict[str, Any], header: str = "") -> None:

@@ -115,6 +115,11 @@ def phenomena(
         order.append(low is not None and (high is None or low < high))
     result = {
         "task": task,
+        "controlled": controlled,
+        "drop_db_by_method": {
+            m: float(np.mean([float(r["drop_from_peak"]) for r in rows if r["method"] == m]))
+            for m in sorted({r["method"] for r in rows})
+        },
         "baseline_drop_db": float(np.mean(drop[base])) if drop[base] else None,
         "controlled_drop_db": float(np.mean(drop[controlled])) if drop[controlled] else None,
         "ratio_stops_before_budget": f"{sum(early)}/{len(early)}",

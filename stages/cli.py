@@ -14,6 +14,7 @@ COMMANDS = {
     "profile": "stages.profile:profile_command",
     "prepare": "stages.prepare:prepare_command",
     "optimize": "stages.optimize:optimize_command",
+    "sweep": "stages.sweep:sweep_command",
     "tune": "stages.tune:tune_command",
     "fbc": "stages.fbc:fbc_command",
     "evaluate": "stages.evaluate:evaluate_command",

@@ -7,13 +7,16 @@ observation ``data/prepared/TASK/<variant>/IMAGE`` and writes ``runs/TASK/<varia
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import click
 import yaml
 
-from pipeline.fit import FitConfig, fit
+from pipeline.fit import FitConfig, FitResult, fit
 from pipeline.observations import read_observation
+from pipeline.problem import Problem
 from pipeline.results import write_result
 from pipeline.settings import fit_settings, load_params, parse_variant, variant_name
 from pipeline.tracking import git_commit, log_fit_run, stage_run
@@ -22,6 +25,70 @@ from stages.prepare import PREPARED
 
 RUNS = Path("runs")
 ARTIFACTS = ("restored_stop.png", "restored_final.png", "restored_best.png", "observation.png")
+
+
+@dataclass(frozen=True)
+class FitRecord:
+    """What one fit of a prepared observation writes to ``runs/`` and logs to MLflow (shared by
+    ``sdip optimize`` and ``sdip sweep``)."""
+
+    task: str
+    variant: str
+    image: str
+    method: str
+    meta: dict[str, Any]
+    profile: str
+
+    def tags(self, dvc_stage: str) -> dict[str, str]:
+        return {
+            "profile": self.profile,
+            "dvc_stage": dvc_stage,
+            "task": self.task,
+            "image": self.image,
+            "git_commit": git_commit(),
+        }
+
+    def write(self, out: Path, problem: Problem, result: FitResult) -> dict[str, Any]:
+        extra = {
+            "image": self.image,
+            "method": self.method,
+            "variant": self.variant,
+            "observation": self.meta,
+        }
+        return write_result(out, problem, result, extra)
+
+    def log(
+        self,
+        run: tuple[Any, str, str],
+        out: Path,
+        config: FitConfig,
+        result: FitResult,
+        summary: dict[str, Any],
+        dvc_stage: str,
+        name: str,
+    ) -> None:
+        """Log the fit as a child of the stage's parent ``run`` (from :func:`stage_run`)."""
+        mlflow, experiment, parent = run
+        fit_params = {
+            "task": self.task,
+            "variant": self.variant,
+            "image": self.image,
+            "method": self.method,
+            **config.flat(),
+            **{f"degradation.{k}": v for k, v in self.meta["params"].items()},
+        }
+        metrics = {k: v for k, v in summary.items() if isinstance(v, int | float)}
+        log_fit_run(
+            mlflow,
+            experiment,
+            parent,
+            name,
+            fit_params,
+            {**self.tags(dvc_stage), "method": self.method, "variant": self.variant},
+            result.curves,
+            metrics,
+            [out / artifact for artifact in ARTIFACTS],
+        )
 
 
 def _overrides(values: tuple[str, ...]) -> dict[str, object]:
@@ -66,42 +133,13 @@ def optimize_command(
     bar, update = progress_callback(config.iterations)
     with bar:
         result = fit(problem.observation, problem.task, config, [update], clean=problem.clean)
-    extra = {"image": image, "method": method, "variant": variant, "observation": meta}
-    summary = write_result(out, problem, result, extra)
+    record = FitRecord(task, variant, image, method, meta, params.get("profile", "custom"))
+    summary = record.write(out, problem, result)
     if track:
-        profile = params.get("profile", "custom")
-        tags = {
-            "profile": profile,
-            "dvc_stage": dvc_stage,
-            "task": task,
-            "image": image,
-            "git_commit": git_commit(),
-        }
-        fit_params = {
-            "task": task,
-            "variant": variant,
-            "image": image,
-            "method": method,
-            **config.flat(),
-            **{f"degradation.{k}": v for k, v in meta["params"].items()},
-        }
-        with stage_run(task, f"optimize {task}/{variant}/{image}/{method}", tags) as (
-            mlflow,
-            experiment,
-            parent,
-        ):
-            metrics = {k: v for k, v in summary.items() if isinstance(v, int | float)}
-            log_fit_run(
-                mlflow,
-                experiment,
-                parent,
-                f"{image}-{method}",
-                fit_params,
-                {**tags, "method": method, "variant": variant},
-                result.curves,
-                metrics,
-                [out / name for name in ARTIFACTS],
-            )
+        with stage_run(
+            task, f"optimize {task}/{variant}/{image}/{method}", record.tags(dvc_stage)
+        ) as run:
+            record.log(run, out, config, result, summary, dvc_stage, f"{image}-{method}")
     click.echo(
         f"{task}/{variant}/{image}/{method}: {result.iterations_run} it, "
         f"{result.wall_time:.1f} s, stop {summary['stop_iteration']}, "

@@ -39,7 +39,7 @@ def shrink(params: dict) -> dict:
         task["images"] = task["images"][:1]
         task["fit"]["iterations"] = ITERATIONS
     params["fit"].update(width=8, iterations=ITERATIONS, log_every=8, stop_window=4)
-    params["sweeps"].update(lam=[0.5], gauss_sigma=[0.5], iterations=ITERATIONS)
+    params["sweeps"].update(lam=[0.5, 2.0], gauss_sigma=[0.5], iterations=ITERATIONS, batch=2)
     for rule in ("es_wmv", "es_emv"):
         params["evaluate"]["rules"][rule]["patience"] = 5
     params["evaluate"]["rules"]["ratio"]["window"] = 4
@@ -101,6 +101,9 @@ def test_repro_then_nothing_then_only_the_changed_task(repo: Path):
     assert json.loads((repo / "results" / "phenomena.json").read_text())["checks"]
     curves = (repo / "runs/denoising/sigma25/astronaut/dip/curves.csv").read_text().splitlines()
     assert len(curves) == 1 + ITERATIONS
+    for value in ("0.5", "2.0"):  # the λ sweep's two values, fitted in one batched pass
+        swept = (repo / "runs/sweeps/lam" / value / "curves.csv").read_text().splitlines()
+        assert len(swept) == 1 + ITERATIONS
     assert "psnr_ratio" in run(["dvc", "metrics", "show"], repo)
 
     assert ran_stages(run(["dvc", "repro"], repo)) == set()
@@ -125,8 +128,8 @@ def test_mlflow_holds_one_run_per_fit_with_full_curves(repo: Path):
     runs = client.search_runs([experiment.experiment_id])
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    # 3 methods on one image, plus the λ and σ sweep fits (also denoising).
-    assert len(children) == len(parents) == 5
+    # 3 methods on one image (a parent each), the λ sweep (one parent, two fits) and the σ sweep.
+    assert (len(children), len(parents)) == (6, 5)
     child = next(r for r in children if r.data.params["method"] == "dip")
     for key in ("task", "image", "lam", "upsample", "width", "lr", "iterations", "seed"):
         assert key in child.data.params

@@ -5,8 +5,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
+from pipeline.errors import UserError
 from pipeline.settings import fit_settings, load_yaml
 from stages.cli import cli
 
@@ -38,3 +40,26 @@ def test_every_profile_names_the_same_stages_and_sections():
         assert set(other) == set(cpu), path.name
         assert set(other["tasks"]) == set(cpu["tasks"])
         assert set(other["methods"]) == set(cpu["methods"])
+
+
+def test_per_image_settings_override_the_task_for_that_image_only():
+    params = load_yaml(ROOT / "profiles" / "cpu.yaml")
+    fit = params["tasks"]["denoising"]["fit"]
+    fit["per_image"] = {"chelsea": {"lam": 0.7, "lam_gaussian": 1.1, "iterations": 7}}
+    chelsea = fit_settings(params, "denoising", "lipschitz", "chelsea")
+    assert (chelsea["lam"], chelsea["iterations"]) == (0.7, 7)
+    assert fit_settings(params, "denoising", "gaussian", "chelsea")["lam"] == 1.1
+    assert fit_settings(params, "denoising", "dip", "chelsea")["lam"] == 0
+    other = fit_settings(params, "denoising", "lipschitz", "astronaut")
+    assert other["lam"] == fit["lam"] and "per_image" not in other
+
+
+@pytest.mark.parametrize(
+    ("per_image", "message"),
+    [({"moon": {"lam": 1.0}}, "names moon, not in tasks.denoising.images"), ([1], "must map")],
+)
+def test_bad_per_image_settings_are_user_errors(per_image, message):
+    params = load_yaml(ROOT / "profiles" / "cpu.yaml")
+    params["tasks"]["denoising"]["fit"]["per_image"] = per_image
+    with pytest.raises(UserError, match=message):
+        fit_settings(params, "denoising", "lipschitz", "astronaut")
