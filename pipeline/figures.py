@@ -71,6 +71,8 @@ def automatic_stop(curves: dict[str, np.ndarray], stop: int | None, title: str, 
     top.set_ylabel("PSNR (dB)")
     top.set_title(title)
     bottom.plot(iterations, curves["ratio"], color="tab:purple")
+    # Log scale: the first outputs are nearly flat (sharpness ≈ 0), so the ratio starts ~1e5.
+    bottom.set_yscale("log")
     bottom.set_ylabel("blur / sharpness")
     bottom.set_xlabel("iteration")
     if stop is not None:

@@ -202,11 +202,18 @@ def aggregate_command(params_file: str, track: bool) -> None:
             )
         )
         if task == settings["phenomena"]["task"]:
-            curves = read_curves(folder / CURVES_FILE)
+            # The stop is shown for the method whose stop the phenomena check judges.
+            stopped = next(
+                r
+                for r in evaluation
+                if r["task"] == task and r["method"] == settings["phenomena"]["controlled"]
+            )
+            run = RUNS / task / stopped["variant"] / stopped["image"] / stopped["method"]
+            curves = read_curves(run / CURVES_FILE)
             automatic_stop(
                 curves,
                 rule_stops(curves, rules)["ratio"],
-                f"{task} {row['image']} ({row['method']}): ratio rule stop",
+                f"{task} {stopped['image']} ({stopped['method']}): ratio rule stop",
                 RESULTS / "figures" / "automatic_stop.png",
             )
     restoration_grid(grid, RESULTS / "figures" / "restorations.png")
