@@ -153,7 +153,7 @@ def _per_image(
         return {}
     where = f"params.yaml tasks.{task}.fit.per_image"
     if not isinstance(per_image, dict) or not all(isinstance(v, dict) for v in per_image.values()):
-        raise UserError(f"{where} must map image names to settings, e.g. {{chelsea: {{lam: 0.9}}}}")
+        raise UserError(f"{where} must map image names to settings, e.g. {{coffee: {{lam: 0.95}}}}")
     images = section(params, "tasks", task).get("images") or []
     unknown = sorted(set(per_image) - set(images))
     if unknown:

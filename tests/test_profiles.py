@@ -45,11 +45,11 @@ def test_every_profile_names_the_same_stages_and_sections():
 def test_per_image_settings_override_the_task_for_that_image_only():
     params = load_yaml(ROOT / "profiles" / "cpu.yaml")
     fit = params["tasks"]["denoising"]["fit"]
-    fit["per_image"] = {"chelsea": {"lam": 0.7, "lam_gaussian": 1.1, "iterations": 7}}
-    chelsea = fit_settings(params, "denoising", "lipschitz", "chelsea")
-    assert (chelsea["lam"], chelsea["iterations"]) == (0.7, 7)
-    assert fit_settings(params, "denoising", "gaussian", "chelsea")["lam"] == 1.1
-    assert fit_settings(params, "denoising", "dip", "chelsea")["lam"] == 0
+    fit["per_image"] = {"coffee": {"lam": 0.7, "lam_gaussian": 1.1, "iterations": 7}}
+    coffee = fit_settings(params, "denoising", "lipschitz", "coffee")
+    assert (coffee["lam"], coffee["iterations"]) == (0.7, 7)
+    assert fit_settings(params, "denoising", "gaussian", "coffee")["lam"] == 1.1
+    assert fit_settings(params, "denoising", "dip", "coffee")["lam"] == 0
     other = fit_settings(params, "denoising", "lipschitz", "astronaut")
     assert other["lam"] == fit["lam"] and "per_image" not in other
 
