@@ -122,6 +122,30 @@ class DecoderConfig:
         return 2 if self.input == "meshgrid" else self.input_channels
 
 
+class _MeanOnlyBatchNormFunction(torch.autograd.Function):
+    """y = x − (mean_{n,h,w}(x) − b) with the hand-written backward dx = g − mean_{n,h,w}(g),
+    db = Σ_{n,h,w} g: one full-size pass each way, where autograd's graph of the same formula
+    makes four (negate, expand, divide, accumulate). At 512² these maps are far larger than the
+    caches, so passes over them, not arithmetic, set the cost."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, bias: Tensor) -> Tensor:
+        return x - (x.mean(dim=_BN_DIMS, keepdim=True) - bias[:, None, None])
+
+    @staticmethod
+    def setup_context(ctx: object, inputs: tuple[Tensor, Tensor], output: Tensor) -> None:
+        """Nothing to save: the backward needs only the incoming gradient."""
+
+    @staticmethod
+    def backward(ctx: object, grad: Tensor) -> tuple[Tensor, Tensor]:
+        return grad - grad.mean(dim=_BN_DIMS, keepdim=True), grad.sum(dim=_BN_DIMS)
+
+
+_BN_DIMS = (-4, -2, -1)
+
+
 class MeanOnlyBatchNorm(nn.Module):
     """y = x − mean_{n,h,w}(x) + b, per channel (method.md §1).
 
@@ -134,7 +158,7 @@ class MeanOnlyBatchNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_features))
 
     def forward(self, x: Tensor) -> Tensor:
-        return x - x.mean(dim=(-4, -2, -1), keepdim=True) + self.bias[:, None, None]
+        return _MeanOnlyBatchNormFunction.apply(x, self.bias)
 
     def extra_repr(self) -> str:
         return str(self.num_features)
@@ -149,7 +173,8 @@ class DoubleConv(nn.Module):
         self.norm1 = MeanOnlyBatchNorm(cout)
         self.conv2 = LipschitzConv2d(cout, cout, 3, lam=config.lam, padding=config.padding)
         self.norm2 = MeanOnlyBatchNorm(cout)
-        self.act = nn.LeakyReLU(config.negative_slope)
+        # In place: the normalised map it overwrites is needed by no backward.
+        self.act = nn.LeakyReLU(config.negative_slope, inplace=True)
 
     def forward(self, x: Tensor, sigmas: Sequence[Tensor | None] = (None, None)) -> Tensor:
         """``sigmas``: σ̂ of the two convolutions if already estimated (see Decoder.forward)."""

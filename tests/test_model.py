@@ -139,6 +139,34 @@ def test_mean_only_batch_norm() -> None:
     assert list(norm.buffers()) == []
 
 
+def test_mean_only_batch_norm_gradient_is_that_of_its_formula() -> None:
+    # The hand-written backward against autograd's, in float64, also per member under vmap.
+    bias = torch.randn(3, dtype=torch.float64, generator=seeded(1), requires_grad=True)
+    x = torch.randn(2, 3, 5, 7, dtype=torch.float64, generator=seeded(0), requires_grad=True)
+    norm = MeanOnlyBatchNorm(3).double()
+    with torch.no_grad():
+        norm.bias.copy_(bias)
+
+    def normalise(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return functional_call(norm, {"bias": b}, (a,))
+
+    assert torch.autograd.gradcheck(normalise, (x, bias))
+    weights = torch.randn(2, 3, 5, 7, dtype=torch.float64, generator=seeded(2))
+    (norm(x) * weights).sum().backward()
+    grad_x, grad_b = x.grad.clone(), norm.bias.grad.clone()
+    x.grad = None
+    formula = x - x.mean(dim=(0, 2, 3), keepdim=True) + bias[:, None, None]
+    (formula * weights).sum().backward()
+    torch.testing.assert_close(grad_x, x.grad)
+    torch.testing.assert_close(grad_b, bias.grad)
+    members = torch.randn(4, 1, 3, 5, 7, dtype=torch.float64, generator=seeded(3))
+    biases = torch.randn(4, 3, dtype=torch.float64, generator=seeded(4))
+    batched = vmap(lambda m, b: functional_call(norm, {"bias": b}, (m,)))(members, biases)
+    for member, b, out in zip(members, biases, batched, strict=True):
+        expected = member - member.mean(dim=(0, 2, 3), keepdim=True) + b[:, None, None]
+        torch.testing.assert_close(out, expected)
+
+
 def test_init_is_kaiming_uniform_and_seeded() -> None:
     state = torch.random.get_rng_state()
     a = Decoder(small_config(), seeded(3))
