@@ -67,9 +67,9 @@ from bench.layers_speed import (
 from pipeline.batched import BatchedFitState
 from pipeline.degradations import Denoising
 from pipeline.fit import FitConfig, FitState
+from pipeline.lipschitz import CERTIFY_WARMUP
 from pipeline.model import Decoder, DecoderConfig, make_input
 from pipeline.results import write_json
-from pipeline.lipschitz import CERTIFY_WARMUP
 from pipeline.settings import fit_settings, load_yaml, task_variants
 from pipeline.upsample import GaussianUpsample
 from tests import numpy_reference
