@@ -74,7 +74,7 @@ from pipeline.fit import (
     uses_backtracking,
 )
 from pipeline.lipschitz import LipschitzConv2d, _rows, certified_at, top_singular_value
-from pipeline.model import Decoder
+from pipeline.model import Decoder, MeanOnlyBatchNorm
 
 MEMBER_SETTINGS = ("seed", "lam", "gauss_sigma")
 """Settings that may differ between the members of one batch; all others must agree."""
@@ -201,6 +201,9 @@ class BatchedFitState:
         with torch.device("meta"):
             # Holds the structure only: every tensor is swapped in by functional_call.
             self.template = Decoder(replace(self.base.model, out_channels=shape[0], lam=0.0))
+            for module in self.template.modules():
+                if isinstance(module, MeanOnlyBatchNorm):
+                    module.fused = False
         self.params = {
             name: torch.stack([dict(m.named_parameters())[name].detach() for m in models])
             .contiguous()

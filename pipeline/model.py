@@ -150,15 +150,22 @@ class MeanOnlyBatchNorm(nn.Module):
     """y = x − mean_{n,h,w}(x) + b, per channel (method.md §1).
 
     No variance scaling and no running statistics: training and eval mode compute the same thing.
+    ``fused`` (default) uses the one-pass backward of :class:`_MeanOnlyBatchNormFunction`; under
+    ``torch.func.vmap`` its generated batching rule measured slower than autograd's graph of the
+    formula (34.8 against 28.6 ms a step for 4 members at 64², width 32), so batched fits turn it
+    off (pipeline.batched).
     """
 
-    def __init__(self, num_features: int) -> None:
+    def __init__(self, num_features: int, fused: bool = True) -> None:
         super().__init__()
         self.num_features = num_features
+        self.fused = fused
         self.bias = nn.Parameter(torch.zeros(num_features))
 
     def forward(self, x: Tensor) -> Tensor:
-        return _MeanOnlyBatchNormFunction.apply(x, self.bias)
+        if self.fused:
+            return _MeanOnlyBatchNormFunction.apply(x, self.bias)
+        return x - (x.mean(dim=_BN_DIMS, keepdim=True) - self.bias[:, None, None])
 
     def extra_repr(self) -> str:
         return str(self.num_features)
