@@ -261,15 +261,22 @@ class BatchedFitState:
         W̄_k / max(1, σ̂_k/λ_k), differentiable in W̄_k with σ̂_k held constant (§2)."""
         weights = dict(self.params)
         certify = certified_at(self.iteration)
+        # Layers with weights of one shape in one call, as a single fit does (sigma_estimates):
+        # the small linear algebra costs about as much per call as per layer.
+        groups: dict[tuple[tuple[int, ...], float], list[_ControlledLayer]] = {}
         for layer in self.layers:
-            free = self.params[layer.weight]
+            key = (tuple(self.params[layer.weight].shape), layer.rtol)
+            groups.setdefault(key, []).append(layer)
+        for (_, rtol), group in groups.items():
+            free = [self.params[layer.weight] for layer in group]
             with torch.no_grad():
-                sigma, basis = top_singular_value(
-                    _rows(free.detach().flatten(2)), layer.basis, layer.rtol, certify
-                )
+                rows = torch.stack([_rows(w.detach().flatten(2)) for w in free])
+                bases = torch.stack([layer.basis for layer in group])
+                sigmas, next_bases = top_singular_value(rows, bases, rtol, certify)
+            for layer, w, sigma, basis in zip(group, free, sigmas, next_bases, strict=True):
                 layer.basis.copy_(basis)
-            scale = (sigma / layer.lam).clamp(min=1.0).to(free.dtype)
-            weights[layer.weight] = free / scale.view(-1, 1, 1, 1, 1)
+                scale = (sigma / layer.lam).clamp(min=1.0).to(w.dtype)
+                weights[layer.weight] = w / scale.view(-1, 1, 1, 1, 1)
         return weights
 
     def forward(self, z: Tensor) -> Tensor:
