@@ -69,6 +69,7 @@ from pipeline.fit import (
     init_fit,
     output_shape,
     perturbed,
+    prepare_host,
     resolve_device,
     to_device,
     uses_backtracking,
@@ -172,8 +173,7 @@ class BatchedFitState:
         self.base = common_config(configs)
         self.configs = list(configs)
         self.device = resolve_device(self.base.device)
-        if self.base.threads > 0:
-            torch.set_num_threads(self.base.threads)
+        prepare_host(self.base, self.device)
         dev = self.device
         ys = [to_device(y, dev) for y in observations]
         for index, y in enumerate(ys):
