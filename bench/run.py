@@ -125,7 +125,8 @@ def batched_state(
     )
 
 
-def timed_medians(step: Callable[[], object], reps: int, warmup: int) -> float:
+def call_times(step: Callable[[], object], reps: int, warmup: int) -> list[float]:
+    """Seconds of each of ``reps`` calls, after ``warmup`` untimed ones."""
     for _ in range(warmup):
         step()
     times = []
@@ -133,7 +134,11 @@ def timed_medians(step: Callable[[], object], reps: int, warmup: int) -> float:
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def timed_medians(step: Callable[[], object], reps: int, warmup: int) -> float:
+    return statistics.median(call_times(step, reps, warmup))
 
 
 def step_flops(step: Callable[[], object]) -> int:
@@ -144,14 +149,7 @@ def step_flops(step: Callable[[], object]) -> int:
 
 
 def best_time(step: Callable[[], object], reps: int, warmup: int) -> float:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(call_times(step, reps, warmup))
 
 
 def matmul_peak(sizes: tuple[int, ...], reps: int) -> dict[str, float]:
