@@ -44,7 +44,8 @@ def sweep_command(kind: str, params_file: str, dvc_stage: str, track: bool) -> N
     batch = int(sweeps.get("batch", 1))
     if batch < 1:
         raise UserError(f"params.yaml sweeps.batch must be >= 1, got {batch}")
-    variant = variant_name(task, parse_variant(task, str(sweeps.get("variant"))))
+    named = sweeps.get("variant")
+    variant = variant_name(task, parse_variant(task, None if named is None else str(named)))
     problem, meta = read_observation(PREPARED / task / variant / image)
     base = fit_settings(params, task, method, image, variant, {"iterations": sweeps["iterations"]})
     depth = FitConfig.from_dict(base).model.depth
