@@ -61,10 +61,10 @@ from torch.func import functional_call, vmap
 from pipeline.degradations import Degradation
 from pipeline.errors import UserError
 from pipeline.fit import (
+    Backtracking,
     FitConfig,
     FitMonitor,
     FitResult,
-    backtrack_update,
     float32_precision,
     init_fit,
     output_shape,
@@ -192,7 +192,7 @@ class BatchedFitState:
         backtracks = {uses_backtracking(self.base, task) for task in tasks}
         if len(backtracks) > 1:
             raise UserError("the members' tasks differ in backtracking; set backtrack explicitly")
-        self.backtrack = backtracks.pop()
+        backtrack = backtracks.pop()
         y = torch.cat(ys)
         clean = None if clean_list[0] is None else torch.cat(clean_list)  # type: ignore[arg-type]
 
@@ -218,9 +218,11 @@ class BatchedFitState:
         self.z = torch.stack([z for _, z, _ in built])
         self.noise = [generator for _, _, generator in built]
         self.optimizer = torch.optim.Adam(self.params.values(), lr=self.base.lr)
-        if self.backtrack:
-            self.saved_params = [p.detach().clone() for p in self.params.values()]
-            self.saved_psnr_obs = torch.full((count,), -float("inf"), device=dev)
+        self.backtracking = (
+            Backtracking(list(self.params.values()), count, self.base.backtrack_drop_db)
+            if backtrack
+            else None
+        )
         self.monitor = FitMonitor(self.base, tasks, y, clean, shape)
         self.last_out = torch.zeros((count, *shape), device=dev)
         self.members = list(range(count))
@@ -319,14 +321,8 @@ class BatchedFitState:
         if self.iteration % cfg.measure_every == 0:
             with torch.no_grad():
                 psnr_obs = self.monitor.record(out.detach(), losses.detach())
-                if self.backtrack:
-                    self.saved_psnr_obs = backtrack_update(
-                        list(self.params.values()),
-                        self.saved_params,
-                        psnr_obs,
-                        self.saved_psnr_obs,
-                        cfg.backtrack_drop_db,
-                    )
+                if self.backtracking is not None:
+                    self.backtracking.update(list(self.params.values()), psnr_obs)
         self.optimizer.step()
         self.last_out = out.detach()
         self.iteration += 1
@@ -388,9 +384,8 @@ class BatchedFitState:
             layer.basis = layer.basis.index_select(0, index)
         self.z = self.z.index_select(0, index)
         self.noise = [self.noise[position] for position in keep]
-        if self.backtrack:
-            self.saved_params = [p.index_select(0, index) for p in self.saved_params]
-            self.saved_psnr_obs = self.saved_psnr_obs.index_select(0, index)
+        if self.backtracking is not None:
+            self.backtracking.select(index)
         self.last_out = self.last_out.index_select(0, index)
         self.monitor.select(keep)
 

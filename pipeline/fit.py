@@ -303,24 +303,31 @@ def autocast(precision: str, device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def backtrack_update(
-    params: Sequence[Tensor],
-    saved: Sequence[Tensor],
-    psnr_obs: Tensor,
-    saved_psnr_obs: Tensor,
-    drop_db: float,
-) -> Tensor:
-    """DIP's fallback, per member: a drop of the observation PSNR ``psnr_obs`` (K,) of more than
-    ``drop_db`` below the checkpoint's restores the checkpoint ``saved`` into ``params``;
-    otherwise the current parameters become the checkpoint. Parameters lead with the member
-    dimension K (or have none when K = 1). Done with ``torch.where``, so it costs no host
-    synchronisation. Returns the checkpoint's PSNR (K,)."""
-    drop = psnr_obs < saved_psnr_obs - drop_db
-    for param, checkpoint in zip(params, saved, strict=True):
-        where = drop.view(-1, *(1,) * (param.dim() - 1))
-        checkpoint.copy_(torch.where(where, checkpoint, param))
-        param.copy_(checkpoint)
-    return torch.where(drop, saved_psnr_obs, psnr_obs)
+class Backtracking:
+    """DIP's fallback (method.md §5), per member: at each measured iteration a drop of the
+    observation PSNR of more than ``drop_db`` below the checkpoint's restores the checkpoint into
+    the parameters; otherwise the current parameters become the checkpoint. Parameters lead with
+    the member dimension K (or have none when K = 1). Done with ``torch.where``, so it costs no
+    host synchronisation."""
+
+    def __init__(self, params: Sequence[Tensor], members: int, drop_db: float) -> None:
+        self.saved = [p.detach().clone() for p in params]
+        self.saved_psnr_obs = torch.full((members,), -float("inf"), device=self.saved[0].device)
+        self.drop_db = drop_db
+
+    def update(self, params: Sequence[Tensor], psnr_obs: Tensor) -> None:
+        """Check the members' observation PSNR ``psnr_obs`` (K,) of the current ``params``."""
+        drop = psnr_obs < self.saved_psnr_obs - self.drop_db
+        for param, checkpoint in zip(params, self.saved, strict=True):
+            where = drop.view(-1, *(1,) * (param.dim() - 1))
+            checkpoint.copy_(torch.where(where, checkpoint, param))
+            param.copy_(checkpoint)
+        self.saved_psnr_obs = torch.where(drop, self.saved_psnr_obs, psnr_obs)
+
+    def select(self, index: Tensor) -> None:
+        """Keep only the members at ``index`` (stacked parameters)."""
+        self.saved = [p.index_select(0, index) for p in self.saved]
+        self.saved_psnr_obs = self.saved_psnr_obs.index_select(0, index)
 
 
 class FitMonitor:
@@ -531,10 +538,11 @@ class FitState:
             self.model.to(memory_format=torch.channels_last)
         self.network = torch.compile(self.model) if config.compile else self.model
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
-        self.backtrack = uses_backtracking(config, task)
-        if self.backtrack:
-            self.saved_params = [p.detach().clone() for p in self.model.parameters()]
-            self.saved_psnr_obs = torch.full((1,), -float("inf"), device=dev)
+        self.backtracking = (
+            Backtracking(list(self.model.parameters()), 1, config.backtrack_drop_db)
+            if uses_backtracking(config, task)
+            else None
+        )
         self.monitor = FitMonitor(config, [task], self.y, self.clean, shape)
         self.last_out = torch.zeros((1, *shape), device=dev)
         self.iteration = 0
@@ -566,14 +574,8 @@ class FitState:
         if self.iteration % cfg.measure_every == 0:
             with torch.no_grad():
                 psnr_obs = self.monitor.record(out.detach(), loss.detach().reshape(1))
-                if self.backtrack:
-                    self.saved_psnr_obs = backtrack_update(
-                        list(self.model.parameters()),
-                        self.saved_params,
-                        psnr_obs,
-                        self.saved_psnr_obs,
-                        cfg.backtrack_drop_db,
-                    )
+                if self.backtracking is not None:
+                    self.backtracking.update(list(self.model.parameters()), psnr_obs)
         self.optimizer.step()
         self.last_out = out.detach()
         self.iteration += 1
