@@ -138,7 +138,7 @@ class MemberView:
     @property
     def stopped(self) -> bool:
         """Whether this member's ratio rule has fired (a host sync)."""
-        return bool(self._state.monitor.rules[self._position].fired)
+        return bool(self._state.monitor.rule.fired[self._position])
 
     def curves_numpy(self) -> dict[str, np.ndarray]:
         return self._state.monitor.curves_numpy(self._position)

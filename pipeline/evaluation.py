@@ -10,7 +10,7 @@ saved 8-bit images.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import numpy as np
 from pipeline.imageio import load_image
 from pipeline.measures import ssim
 from pipeline.results import CURVES_FILE, SUMMARY_FILE, read_curves
-from pipeline.stopping import es_emv, es_wmv, oracle_peak, ratio_rule
+from pipeline.stopping import StoppingConfig, es_emv, es_wmv, oracle_peak, ratio_rule
 
 RULES = ("ratio", "es_wmv", "es_emv", "oracle")
 
@@ -50,13 +50,18 @@ def find_runs(root: Path) -> list[tuple[RunKey, Path]]:
     return found
 
 
-def rule_stops(curves: dict[str, np.ndarray], rules: dict[str, Any]) -> dict[str, int | None]:
+def stopping_of(summary: dict[str, Any]) -> StoppingConfig:
+    """The stopping settings a fit ran with, from its summary's recorded settings."""
+    names = {f.name for f in fields(StoppingConfig)}
+    return StoppingConfig(**{k: v for k, v in summary["settings"].items() if k in names})
+
+
+def rule_stops(curves: dict[str, np.ndarray], rules: StoppingConfig) -> dict[str, int | None]:
     """Measurement index at which each rule stops (None: never fired)."""
-    ratio = rules.get("ratio", {})
     return {
-        "ratio": ratio_rule(curves["ratio"], ratio.get("window", 100), ratio.get("eps", 0.01)),
-        "es_wmv": es_wmv(curves["wmv"], rules.get("es_wmv", {}).get("patience", 1000)),
-        "es_emv": es_emv(curves["emv"], rules.get("es_emv", {}).get("patience", 1000)),
+        "ratio": ratio_rule(curves["ratio"], rules.ratio_window, rules.ratio_eps),
+        "es_wmv": es_wmv(curves["wmv"], rules.wmv_patience),
+        "es_emv": es_emv(curves["emv"], rules.emv_patience),
         "oracle": oracle_peak(curves["psnr"]),
     }
 
@@ -68,10 +73,12 @@ def _ssim_of(folder: Path, name: str, clean: Any) -> float | None:
     return float(ssim(load_image(path), clean)[0])
 
 
-def evaluate_run(key: RunKey, folder: Path, rules: dict[str, Any]) -> dict[str, Any]:
-    """One row of the evaluation table for the fit in ``folder``."""
+def evaluate_run(key: RunKey, folder: Path) -> dict[str, Any]:
+    """One row of the evaluation table for the fit in ``folder``, under the stopping settings
+    the fit ran with."""
     curves = read_curves(folder / CURVES_FILE)
     summary = json.loads((folder / SUMMARY_FILE).read_text())
+    rules = stopping_of(summary)
     iterations = curves["iteration"]
     budget = int(summary["settings"]["iterations"])
     psnr = curves["psnr"]
@@ -109,12 +116,11 @@ def first_reaching(values: np.ndarray, iterations: np.ndarray, threshold: float)
     return int(iterations[hits[0]]) if hits.size else None
 
 
-def fbc_summary(
-    key: RunKey, folder: Path, rules: dict[str, Any], thresholds: tuple[float, ...]
-) -> dict[str, Any]:
+def fbc_summary(key: RunKey, folder: Path, thresholds: tuple[float, ...]) -> dict[str, Any]:
     """FBC milestones of one fit: per band the first iteration reaching each threshold, and the
     band values at the oracle peak, at the ratio-rule stop and at the end."""
     curves = read_curves(folder / CURVES_FILE)
+    rules = stopping_of(json.loads((folder / SUMMARY_FILE).read_text()))
     iterations = curves["iteration"]
     bands = sorted(int(name[4:]) for name in curves if name.startswith("fbc_"))
     stops = rule_stops(curves, rules)

@@ -34,7 +34,7 @@ from pipeline.degradations import Degradation
 from pipeline.errors import UserError
 from pipeline.measures import blur, fbc, psnr, psnr_y, sharpness
 from pipeline.model import Decoder, DecoderConfig, make_input
-from pipeline.stopping import OnlineRatioRule
+from pipeline.stopping import OnlineRatioRule, StoppingConfig
 
 BACKTRACK_TASKS = ("denoising", "deblocking")
 PSNR_PROTOCOLS = {
@@ -82,13 +82,10 @@ class FitConfig:
     measure_every: int = 1
     log_every: int = 100
     fbc_bands: int = 5
-    stop_window: int = 100
-    stop_eps: float = 0.01
+    stopping: StoppingConfig = field(default_factory=StoppingConfig)
     halt_at_stop: bool = False
     backtrack: bool | None = None
     backtrack_drop_db: float = 5.0
-    variance_window: int = 100
-    emv_alpha: float = 0.1
     input_noise: float = 0.0
     psnr_protocol: str = "rgb"
     threads: int = 0
@@ -103,8 +100,6 @@ class FitConfig:
             "measure_every": self.measure_every >= 1,
             "log_every": self.log_every >= 1,
             "fbc_bands": self.fbc_bands >= 1,
-            "variance_window": self.variance_window >= 0,
-            "emv_alpha": 0 < self.emv_alpha <= 1,
             "input_noise": self.input_noise >= 0,
             "backtrack_drop_db": self.backtrack_drop_db > 0,
             "psnr_protocol": self.psnr_protocol in PSNR_PROTOCOLS,
@@ -118,10 +113,12 @@ class FitConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> FitConfig:
         """Build from a flat mapping (params.yaml, CLI); keys of :class:`DecoderConfig` go to
-        ``model``. Unknown keys are a :class:`UserError`."""
-        own = {f.name for f in fields(cls)} - {"model"}
+        ``model``, keys of :class:`StoppingConfig` to ``stopping``. Unknown keys are a
+        :class:`UserError`."""
+        own = {f.name for f in fields(cls)} - {"model", "stopping"}
         model_keys = {f.name for f in fields(DecoderConfig)}
-        unknown = set(values) - own - model_keys
+        stopping_keys = {f.name for f in fields(StoppingConfig)}
+        unknown = set(values) - own - model_keys - stopping_keys
         if unknown:
             raise UserError(f"unknown fit setting(s): {', '.join(sorted(unknown))}")
         model_values = {k: v for k, v in values.items() if k in model_keys}
@@ -130,13 +127,14 @@ class FitConfig:
                 model_values[key] = tuple(model_values[key])
         return cls(
             model=DecoderConfig(**model_values),
+            stopping=StoppingConfig(**{k: v for k, v in values.items() if k in stopping_keys}),
             **{k: v for k, v in values.items() if k in own},
         )
 
     def flat(self) -> dict[str, Any]:
-        """All settings as one flat mapping (for tracking)."""
+        """All settings as one flat mapping (for tracking; :meth:`from_dict` reads it back)."""
         values = asdict(self)
-        return {**values.pop("model"), **values}
+        return {**values.pop("model"), **values.pop("stopping"), **values}
 
 
 _M_TRIM_THRESHOLD = -1
@@ -335,7 +333,7 @@ class FitMonitor:
 
     At a measured iteration m with outputs ``out`` (K, C, H, W), each member k records its loss;
     the PSNR and the FBC bands (method.md §4) of ``A'(out)·mask`` against its observation; blur,
-    sharpness and their ratio (§5), which feeds its own :class:`OnlineRatioRule` (the output at
+    sharpness and their ratio (§5), which feeds the members' :class:`OnlineRatioRule` (the output at
     the rule's first firing is kept); with the clean image, PSNR against it under
     ``psnr_protocol`` and the best output so far; and the windowed (ES-WMV) and exponential
     (ES-EMV) moving variances of its outputs. Curves are (K, n) tensors, n = ⌈iterations /
@@ -371,13 +369,14 @@ class FitMonitor:
         self.measured = 0
         self.curves = {name: torch.full((k, n), float("nan"), device=dev) for name in CURVE_NAMES}
         self.curves["fbc"] = torch.full((k, n, cfg.fbc_bands), float("nan"), device=dev)
-        self.rules = [OnlineRatioRule(cfg.stop_window, cfg.stop_eps, dev) for _ in range(k)]
+        stopping = cfg.stopping
+        self.rule = OnlineRatioRule(k, stopping.ratio_window, stopping.ratio_eps, dev)
         shape = (k, *out_shape)
         self.stop_out = torch.zeros(shape, device=dev)
         self.best_out = torch.zeros(shape, device=dev)
         self.best_psnr = torch.full((k,), -float("inf"), device=dev)
         self.best_at = torch.full((k,), -1, dtype=torch.long, device=dev)
-        window = cfg.variance_window
+        window = cfg.stopping.wmv_window
         self.window_outs = torch.zeros((window, *shape), device=dev) if window else None
         self.window_sum = torch.zeros(shape, dtype=torch.float64, device=dev)
         self.window_sq = torch.zeros((k,), dtype=torch.float64, device=dev)
@@ -399,12 +398,7 @@ class FitMonitor:
         c["blur"][:, m], c["sharpness"][:, m] = b, s
         ratio = b / s
         c["ratio"][:, m] = ratio
-        first = torch.stack(
-            [
-                rule.update(r) & (rule.fired_at == m)
-                for rule, r in zip(self.rules, ratio, strict=True)
-            ]
-        )
+        first = self.rule.update(ratio)
         self.stop_out = torch.where(first.view(-1, 1, 1, 1), out, self.stop_out)
         if self.clean is not None:
             p = PSNR_PROTOCOLS[cfg.psnr_protocol](out, self.clean)
@@ -423,7 +417,7 @@ class FitMonitor:
         dims = (1, 2, 3)
         numel = x[0].numel()
         if self.window_outs is not None:
-            w = cfg.variance_window
+            w = cfg.stopping.wmv_window
             slot = m % w
             old = self.window_outs[slot]
             self.window_sum += x.double() - old.double()
@@ -437,7 +431,7 @@ class FitMonitor:
             self.ema = x.clone()
             self.curves["emv"][:, m] = 0.0
         else:
-            a = cfg.emv_alpha
+            a = cfg.stopping.emv_alpha
             dev2 = (x - self.ema).square().mean(dims)
             self.emv = (1 - a) * self.emv + a * (1 - a) * dev2
             self.ema = (1 - a) * self.ema + a * x
@@ -445,13 +439,13 @@ class FitMonitor:
 
     def fired(self) -> list[bool]:
         """Whether each member's ratio rule has fired (one host synchronisation)."""
-        return [bool(v) for v in to_host([rule.fired for rule in self.rules])]
+        return [bool(v) for v in to_host([self.rule.fired])[0]]
 
     def select(self, keep: Sequence[int]) -> None:
         """Keep only the members at positions ``keep``, in that order."""
         index = torch.tensor(list(keep), device=self.y.device)
         self.tasks = [self.tasks[i] for i in keep]
-        self.rules = [self.rules[i] for i in keep]
+        self.rule.select(index)
         self.curves = {name: values.index_select(0, index) for name, values in self.curves.items()}
         for name in (
             "y",
@@ -494,7 +488,7 @@ class FitMonitor:
         """Member ``member``'s :class:`FitResult`; ``final`` is its last output (1, C, H, W)."""
         every = self.config.measure_every
         fired_at, best_at = (
-            int(v) for v in to_host([self.rules[member].fired_at, self.best_at[member]])
+            int(v) for v in to_host([self.rule.fired_at[member], self.best_at[member]])
         )
         task, y = self.tasks[member], self.y[member : member + 1]
 

@@ -6,11 +6,12 @@ Layout of ``params.yaml`` (each stage reads its own section)::
     data:    {source, root, resize, crop}        # prepare
     tasks:   {<task>: {images, observe, fit}}    # prepare (images, observe), optimize (fit)
     fit:     {...}                # optimize: pipeline.fit.FitConfig + pipeline.model.DecoderConfig
+    stopping: {ratio, es_wmv, es_emv}   # optimize (and, through each fit's summary, evaluate)
     methods: {<method>: {...}}    # optimize: the three compared methods
     sweeps:  {...}                # optimize (λ and σ sweeps for the figures)
-    evaluate: {...}               # evaluate: stopping rules applied to the logged curves
 
-The fit of one (task, method, image) merges, later winning: ``fit`` < ``tasks.<task>.fit`` <
+The fit of one (task, method, image) merges, later winning: ``stopping`` (flattened, see
+:class:`pipeline.stopping.StoppingConfig`) < ``fit`` < ``tasks.<task>.fit`` <
 ``tasks.<task>.fit.per_image.<image>`` < ``methods.<method>``, where a method's ``lam: task`` takes
 the task's (or the image's) λ for that upsampler and a setting ``tuned`` the image's value from
 ``tuned/<task>/<variant>/<image>/values.yaml``.
@@ -25,6 +26,8 @@ from typing import Any
 import yaml
 
 from pipeline.errors import UserError
+from pipeline.layout import TUNED, tuned_values_path
+from pipeline.stopping import StoppingConfig
 
 PARAMS_FILE = "params.yaml"
 PROFILES_DIR = "profiles"
@@ -32,8 +35,6 @@ TASK_VARIANTS = {"denoising": "sigma", "deblocking": "quality", "sr": "factor"}
 """The degradation parameter a task is swept over (one observation per value)."""
 VARIANT_LISTS = {"sigma": "sigmas", "quality": "qualities", "factor": "factors"}
 """The params.yaml key of ``tasks.<task>`` listing a variant parameter's values."""
-TUNED = Path("tuned")
-TUNED_VALUES = "values.yaml"
 TUNED_VALUE = "tuned"
 """A setting whose value is ``tuned`` takes the image's tuned value (``sdip tune``)."""
 
@@ -85,12 +86,6 @@ def parse_variant(task: str, text: str | None) -> object | None:
     return yaml.safe_load(text)
 
 
-def tuned_values_path(task: str, variant: str, image: str, root: Path = TUNED) -> Path:
-    """Where ``sdip tune`` writes, and a ``tuned`` setting reads, one image's tuned values:
-    ``tuned/<task>/<variant>/<image>/values.yaml``."""
-    return root / task / variant / image / TUNED_VALUES
-
-
 def task_variants(params: dict[str, Any], task: str) -> list[object | None]:
     """The values of the task's variant parameter (``[None]`` for tasks with one variant)."""
     key = TASK_VARIANTS.get(task)
@@ -114,7 +109,8 @@ def fit_settings(
     tuned_root: Path = TUNED,
 ) -> dict[str, Any]:
     """The flat fit settings of one (task, method, image): ``fit`` < task's ``fit`` < the image's
-    entry of the task's ``per_image`` < method < ``overrides``. A value ``task`` of λ takes the
+    entry of the task's ``per_image`` < method < ``overrides``, over the flattened ``stopping``
+    section. A value ``task`` of λ takes the
     task's λ for the method's upsampler; a value ``tuned`` of any setting takes the image's tuned
     value (:func:`tuned_values_path`)."""
     task_fit = dict(section(params, "tasks", task).get("fit") or {})
@@ -141,7 +137,8 @@ def fit_settings(
             if key not in tuned:
                 raise UserError(f"{path} has no tuned {key} (tuned: {', '.join(tuned)})")
             method_values[key] = tuned[key]
-    return {**dict(section(params, "fit")), **task_fit, **method_values}
+    stopping = StoppingConfig.flatten(params.get("stopping"))
+    return {**stopping, **dict(section(params, "fit")), **task_fit, **method_values}
 
 
 def _per_image(

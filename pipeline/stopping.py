@@ -16,6 +16,10 @@ without a host synchronisation per iteration.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -24,12 +28,70 @@ from pipeline.errors import UserError
 
 RATIO_WINDOW = 100
 RATIO_EPS = 0.01
+VARIANCE_WINDOW = 100
+EMV_ALPHA = 0.1
 VARIANCE_PATIENCE = 1000
+
+SECTION_RULES = {"ratio": "ratio", "es_wmv": "wmv", "es_emv": "emv"}
+"""Rule names of params.yaml's ``stopping`` section → prefix of their settings here."""
+
+
+@dataclass(frozen=True)
+class StoppingConfig:
+    """Settings of every stopping rule; the defaults are the paper's (method.md §5) and ES-WMV /
+    ES-EMV's (experiments.md, "Other stopping rules").
+
+    One place for them: params.yaml's ``stopping`` section (``{ratio: {window, eps}, es_wmv:
+    {window, patience}, es_emv: {alpha, patience}}``) is merged into every fit's settings, the fit
+    runs the ratio rule online and records the WMV / EMV curves with them, and the evaluation reads
+    them back from each fit's recorded settings, so a stop in a table is the stop of its fit.
+    """
+
+    ratio_window: int = RATIO_WINDOW
+    ratio_eps: float = RATIO_EPS
+    wmv_window: int = VARIANCE_WINDOW
+    wmv_patience: int = VARIANCE_PATIENCE
+    emv_alpha: float = EMV_ALPHA
+    emv_patience: int = VARIANCE_PATIENCE
+
+    def __post_init__(self) -> None:
+        _check_window(self.ratio_window, self.ratio_eps)
+        checks = {
+            "wmv_window": self.wmv_window >= 0,
+            "wmv_patience": self.wmv_patience >= 1,
+            "emv_alpha": 0 < self.emv_alpha <= 1,
+            "emv_patience": self.emv_patience >= 1,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise UserError(f"invalid stopping setting {name}={getattr(self, name)!r}")
+
+    @staticmethod
+    def flatten(section: dict[str, Any] | None) -> dict[str, Any]:
+        """params.yaml's nested ``stopping`` section as flat settings (``ratio.window`` →
+        ``ratio_window``); unknown rules or keys are a :class:`UserError`."""
+        names = {f.name for f in fields(StoppingConfig)}
+        flat: dict[str, Any] = {}
+        for rule, values in (section or {}).items():
+            prefix = SECTION_RULES.get(rule)
+            if prefix is None or not isinstance(values, dict):
+                raise UserError(
+                    f"params.yaml stopping.{rule}: expected one of {', '.join(SECTION_RULES)} "
+                    "mapping to its settings"
+                )
+            for key, value in values.items():
+                name = f"{prefix}_{key}"
+                if name not in names:
+                    raise UserError(f"params.yaml stopping.{rule} has no setting {key!r}")
+                flat[name] = value
+        return flat
 
 
 def _check_window(window: int, eps: float) -> None:
-    if window < 2:
-        raise UserError(f"stopping window must be at least 2, got {window}")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+        raise UserError(f"stopping window must be an integer of at least 2, got {window!r}")
+    if isinstance(eps, bool) or not isinstance(eps, int | float) or not math.isfinite(eps):
+        raise UserError(f"stopping epsilon must be a finite number, got {eps!r}")
     if eps <= 0:
         raise UserError(f"stopping epsilon must be positive, got {eps}")
 
@@ -96,44 +158,54 @@ def es_emv(emv: np.ndarray, patience: int = VARIANCE_PATIENCE) -> int | None:
 
 
 class OnlineRatioRule:
-    """The ratio rule evaluated on the device as ratios arrive, with no host synchronisation.
+    """The ratio rule of K fits advancing in lockstep, evaluated on the device as their ratios
+    arrive, with no host synchronisation.
 
-    The last ``2n`` ratios live in a ring buffer; :meth:`update` returns a 0-d bool tensor that is
-    True from the first firing on (latched), so the caller can keep the output of that iteration
-    with ``torch.where`` and read the flag only when it syncs anyway.
+    The last ``2n + 1`` ratios of every member live in one ``(K, 2n + 1)`` ring buffer, so one
+    update serves all members. :meth:`update` returns the members whose rule fires for the first
+    time at this measurement, so the caller can keep their outputs with ``torch.where``;
+    :attr:`fired` (latched) and :attr:`fired_at` (measurement index, −1 before) are read only when
+    the caller syncs anyway.
     """
 
     def __init__(
-        self, window: int = RATIO_WINDOW, eps: float = RATIO_EPS, device: str | torch.device = "cpu"
+        self,
+        members: int = 1,
+        window: int = RATIO_WINDOW,
+        eps: float = RATIO_EPS,
+        device: str | torch.device = "cpu",
     ):
         _check_window(window, eps)
         self.window = window
         self.eps = eps
-        self.history = torch.zeros(2 * window + 1, dtype=torch.float64, device=device)
         self.count = 0
-        self.fired = torch.zeros((), dtype=torch.bool, device=device)
-        self.fired_at = torch.full((), -1, dtype=torch.long, device=device)
+        self.history = torch.zeros((members, 2 * window + 1), dtype=torch.float64, device=device)
+        self.fired = torch.zeros(members, dtype=torch.bool, device=device)
+        self.fired_at = torch.full((members,), -1, dtype=torch.long, device=device)
 
     def update(self, ratio: Tensor) -> Tensor:
-        """Feed the ratio of measurement ``count``; return the latched "has fired" flag."""
-        n = self.window
-        size = self.history.numel()
-        i = self.count
-        self.history[i % size] = ratio.detach().to(torch.float64).reshape(())
+        """Feed the members' ratios (K,) of measurement :attr:`count`; returns the (K,) mask of
+        members whose rule fires for the first time now."""
+        n, size, i = self.window, self.history.shape[1], self.count
+        self.history[:, i % size] = ratio.detach().to(torch.float64)
         self.count += 1
         if i <= 2 * n:
-            return self.fired
-        idx1 = torch.arange(i - 2 * n, i - n, device=self.history.device) % size
-        idx2 = torch.arange(i - n + 1, i, device=self.history.device) % size
-        m1 = self.history[idx1].mean()
-        m2 = self.history[idx2].mean()
-        now = (m1 - m2).abs() < self.eps
-        first = now & ~self.fired
+            return torch.zeros_like(self.fired)
+        device = self.history.device
+        m1 = self.history[:, torch.arange(i - 2 * n, i - n, device=device) % size].mean(dim=1)
+        m2 = self.history[:, torch.arange(i - n + 1, i, device=device) % size].mean(dim=1)
+        first = ((m1 - m2).abs() < self.eps) & ~self.fired
         self.fired_at = torch.where(first, torch.full_like(self.fired_at, i), self.fired_at)
-        self.fired = self.fired | now
-        return self.fired
+        self.fired = self.fired | first
+        return first
 
-    def state_dict(self) -> dict:
+    def select(self, index: Tensor) -> None:
+        """Keep only the members at ``index``, in that order."""
+        self.history = self.history.index_select(0, index)
+        self.fired = self.fired.index_select(0, index)
+        self.fired_at = self.fired_at.index_select(0, index)
+
+    def state_dict(self) -> dict[str, Any]:
         return {
             "history": self.history.clone(),
             "count": self.count,
@@ -141,8 +213,9 @@ class OnlineRatioRule:
             "fired_at": self.fired_at.clone(),
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        self.history = state["history"].to(self.history.device)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        device = self.history.device
+        self.history = state["history"].to(device)
         self.count = int(state["count"])
-        self.fired = state["fired"].to(self.history.device)
-        self.fired_at = state["fired_at"].to(self.history.device)
+        self.fired = state["fired"].to(device)
+        self.fired_at = state["fired_at"].to(device)

@@ -8,21 +8,21 @@ Reads ``aggregate``, ``sweeps`` and ``evaluate`` from params.yaml, ``results/eva
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import click
 import numpy as np
 
-from pipeline.evaluation import rule_stops
+from pipeline.evaluation import rule_stops, stopping_of
 from pipeline.figures import automatic_stop, restoration_grid, sweep
 from pipeline.imageio import write_bytes_atomic
-from pipeline.results import CURVES_FILE, read_curves, write_json
+from pipeline.layout import FIGURES, RESULTS, TABLES, run_dir, sweep_dir
+from pipeline.results import CURVES_FILE, SUMMARY_FILE, read_curves, write_json
 from pipeline.settings import load_params, load_yaml, section
 from pipeline.tables import markdown, read_csv, write_csv
 from pipeline.tracking import stage_run
-from stages.evaluate import RESULTS
-from stages.optimize import RUNS
 
 PUBLISHED = Path("dataset") / "published.yaml"
 SUMMARY_EXPERIMENT = "summary"
@@ -148,13 +148,13 @@ def _sweep_figures(params: dict[str, Any]) -> None:
     for kind, label in (("lam", "λ"), ("gauss_sigma", "σ")):
         series = {}
         for value in sweeps.get(kind, []):
-            path = RUNS / "sweeps" / kind / str(value) / CURVES_FILE
+            path = sweep_dir(kind, value) / CURVES_FILE
             if path.is_file():
                 series[str(value)] = read_curves(path)
         if series:
             name = "lambda_sweep" if kind == "lam" else "sigma_sweep"
             title = f"{sweeps['task']} {sweeps['image']}: PSNR vs iteration, {label} sweep"
-            sweep(series, label, title, RESULTS / "figures" / f"{name}.png")
+            sweep(series, label, title, FIGURES / f"{name}.png")
 
 
 @click.command("aggregate")
@@ -164,7 +164,6 @@ def aggregate_command(params_file: str, track: bool) -> None:
     """Write the per-task tables, the phenomena check and the summary figures."""
     params = load_params(params_file)
     settings = section(params, "aggregate")
-    rules = section(params, "evaluate", "rules")
     methods = list(section(params, "methods"))
     evaluation = read_csv(RESULTS / "evaluation.csv")
     fbc = read_csv(RESULTS / "fbc.csv")
@@ -174,9 +173,9 @@ def aggregate_command(params_file: str, track: bool) -> None:
         table = task_table(
             [r for r in evaluation if r["task"] == task], methods, published.get(task, {})
         )
-        write_csv(RESULTS / "tables" / f"{task}.csv", table)
+        write_csv(TABLES / f"{task}.csv", table)
         text = markdown(table, list(table[0]))
-        write_bytes_atomic(RESULTS / "tables" / f"{task}.md", text.encode())
+        write_bytes_atomic(TABLES / f"{task}.md", text.encode())
         report.append(f"## {task}\n\n{text}")
     found = phenomena(evaluation, fbc, settings["phenomena"])
     write_json(RESULTS / "phenomena.json", found)
@@ -192,7 +191,7 @@ def aggregate_command(params_file: str, track: bool) -> None:
         row = next(
             r for r in evaluation if r["task"] == task and r["method"] == settings["grid_method"]
         )
-        folder = RUNS / task / row["variant"] / row["image"] / row["method"]
+        folder = run_dir(task, row["variant"], row["image"], row["method"])
         grid.append(
             (
                 f"{task} {row['variant']}",
@@ -208,22 +207,23 @@ def aggregate_command(params_file: str, track: bool) -> None:
                 for r in evaluation
                 if r["task"] == task and r["method"] == settings["phenomena"]["controlled"]
             )
-            run = RUNS / task / stopped["variant"] / stopped["image"] / stopped["method"]
+            run = run_dir(task, stopped["variant"], stopped["image"], stopped["method"])
             curves = read_curves(run / CURVES_FILE)
+            summary = json.loads((run / SUMMARY_FILE).read_text())
             automatic_stop(
                 curves,
-                rule_stops(curves, rules)["ratio"],
+                rule_stops(curves, stopping_of(summary))["ratio"],
                 f"{task} {stopped['image']} ({stopped['method']}): ratio rule stop",
-                RESULTS / "figures" / "automatic_stop.png",
+                FIGURES / "automatic_stop.png",
             )
-    restoration_grid(grid, RESULTS / "figures" / "restorations.png")
+    restoration_grid(grid, FIGURES / "restorations.png")
     if track:
         tags = {"profile": params.get("profile", "custom"), "dvc_stage": "aggregate"}
         with stage_run(SUMMARY_EXPERIMENT, "aggregate", tags) as (mlflow, _, run_id):
-            for path in sorted((RESULTS / "figures").rglob("*.png")):
+            for path in sorted(FIGURES.rglob("*.png")):
                 folder = path.parent.relative_to(RESULTS).as_posix()
                 mlflow.log_artifact(run_id, str(path), folder)
-            for path in sorted((RESULTS / "tables").glob("*")):
+            for path in sorted(TABLES.glob("*")):
                 mlflow.log_artifact(run_id, str(path), "tables")
             mlflow.log_artifact(run_id, str(RESULTS / "phenomena.md"))
     click.echo("\n".join(report))

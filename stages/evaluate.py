@@ -1,31 +1,25 @@
 """``sdip evaluate``: score every fit under its task's protocol and every stopping rule.
 
-Reads ``evaluate`` from params.yaml and every ``runs/<task>/<variant>/<image>/<method>``; writes
-``results/evaluation.csv`` (one row per fit) and ``results/metrics.json`` (``dvc metrics show``).
+Reads every ``runs/<task>/<variant>/<image>/<method>``; writes
+``results/evaluation.csv`` (one row per fit, each under the stopping settings it ran with) and
+``results/metrics.json`` (``dvc metrics show``).
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import click
 import numpy as np
 
 from pipeline.evaluation import evaluate_run, find_runs
+from pipeline.layout import RESULTS, RUNS
 from pipeline.results import write_json
-from pipeline.settings import load_params, section
 from pipeline.tables import write_csv
-from stages.optimize import RUNS
-
-RESULTS = Path("results")
 
 
 @click.command("evaluate")
-@click.option("--params", "params_file", default="params.yaml", show_default=True)
-def evaluate_command(params_file: str) -> None:
+def evaluate_command() -> None:
     """Apply the stopping rules to the logged curves and score every fit."""
-    rules = section(load_params(params_file), "evaluate", "rules")
-    rows = [evaluate_run(key, folder, rules) for key, folder in find_runs(RUNS)]
+    rows = [evaluate_run(key, folder) for key, folder in find_runs(RUNS)]
     if not rows:
         raise click.ClickException(f"no finished fits under {RUNS}")
     write_csv(RESULTS / "evaluation.csv", rows)

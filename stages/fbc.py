@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import click
 
-from pipeline.evaluation import fbc_summary, find_runs, rule_stops
+from pipeline.evaluation import fbc_summary, find_runs
 from pipeline.figures import spectral_measurement
+from pipeline.layout import FIGURES, RESULTS, RUNS
 from pipeline.results import CURVES_FILE, read_curves
 from pipeline.settings import load_params, section
+from pipeline.stopping import oracle_peak
 from pipeline.tables import write_csv
-from stages.evaluate import RESULTS
-from stages.optimize import RUNS
 
 
 @click.command("fbc")
@@ -23,19 +23,18 @@ from stages.optimize import RUNS
 def fbc_command(params_file: str) -> None:
     """Summarise the FBC curves of every fit and draw the figures for the chosen methods."""
     params = load_params(params_file)
-    rules = section(params, "evaluate", "rules")
     settings = section(params, "fbc")
     thresholds = tuple(float(t) for t in settings["thresholds"])
     rows = []
     for key, folder in find_runs(RUNS):
-        rows.append(fbc_summary(key, folder, rules, thresholds))
+        rows.append(fbc_summary(key, folder, thresholds))
         if key.method in settings["figure_methods"]:
             curves = read_curves(folder / CURVES_FILE)
             spectral_measurement(
                 curves,
-                rule_stops(curves, rules)["oracle"],
+                oracle_peak(curves["psnr"]),
                 f"{key.label}: PSNR and FBC vs iteration",
-                RESULTS / "figures" / "fbc" / f"{key.label.replace('/', '-')}.png",
+                FIGURES / "fbc" / f"{key.label.replace('/', '-')}.png",
             )
     if not rows:
         raise click.ClickException(f"no finished fits under {RUNS}")

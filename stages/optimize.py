@@ -15,15 +15,14 @@ import click
 import yaml
 
 from pipeline.fit import FitConfig, FitResult, fit
+from pipeline.layout import prepared_dir, run_dir
 from pipeline.observations import read_observation
 from pipeline.problem import Problem
 from pipeline.results import write_result
 from pipeline.settings import fit_settings, load_params, parse_variant, variant_name
 from pipeline.tracking import git_commit, log_fit_run, stage_run
 from stages.fit import progress_callback
-from stages.prepare import PREPARED
 
-RUNS = Path("runs")
 ARTIFACTS = ("restored_stop.png", "restored_final.png", "restored_best.png", "observation.png")
 
 
@@ -126,10 +125,10 @@ def optimize_command(
     params = load_params(params_file)
     value = parse_variant(task, variant_value)
     variant = variant_name(task, value)
-    problem, meta = read_observation(PREPARED / task / variant / image)
+    problem, meta = read_observation(prepared_dir(task, variant, image))
     settings = fit_settings(params, task, method, image, variant, _overrides(overrides))
     config = FitConfig.from_dict(settings)
-    out = out_dir or RUNS / task / variant / image / method
+    out = out_dir or run_dir(task, variant, image, method)
     bar, update = progress_callback(config.iterations)
     with bar:
         result = fit(problem.observation, problem.task, config, [update], clean=problem.clean)

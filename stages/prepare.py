@@ -14,11 +14,11 @@ import click
 
 from pipeline.datasets import resolve_images
 from pipeline.degradations import TASKS
+from pipeline.layout import PREPARED, prepared_dir
 from pipeline.observations import write_observation
 from pipeline.problem import simulate
 from pipeline.settings import TASK_VARIANTS, load_params, section, task_variants, variant_name
 
-PREPARED = Path("data") / "prepared"
 DEGRADATION_KEYS = {
     "denoising": ("seed",),
     "deblocking": (),
@@ -59,7 +59,7 @@ def prepare_command(task: str, params_file: str, out_root: str) -> None:
                 short_side=observe.get("resize", data.get("resize")),
                 crop=observe.get("crop", data.get("crop")),
             )
-            folder = Path(out_root) / task / variant_name(task, value) / image.name
+            folder = prepared_dir(task, variant_name(task, value), image.name, Path(out_root))
             meta = {
                 "task": task,
                 "variant": variant_name(task, value),

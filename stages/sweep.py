@@ -15,11 +15,11 @@ import click
 from pipeline.batched import fit_batched
 from pipeline.errors import UserError
 from pipeline.fit import FitConfig, fit
+from pipeline.layout import prepared_dir, sweep_dir
 from pipeline.observations import read_observation
 from pipeline.settings import fit_settings, load_params, parse_variant, section, variant_name
 from pipeline.tracking import stage_run
-from stages.optimize import RUNS, FitRecord
-from stages.prepare import PREPARED
+from stages.optimize import FitRecord
 
 SWEPT_METHOD = {"lam": "lipschitz", "gauss_sigma": "gaussian"}
 """The method whose setting each sweep varies."""
@@ -46,7 +46,7 @@ def sweep_command(kind: str, params_file: str, dvc_stage: str, track: bool) -> N
         raise UserError(f"params.yaml sweeps.batch must be >= 1, got {batch}")
     named = sweeps.get("variant")
     variant = variant_name(task, parse_variant(task, None if named is None else str(named)))
-    problem, meta = read_observation(PREPARED / task / variant / image)
+    problem, meta = read_observation(prepared_dir(task, variant, image))
     base = fit_settings(params, task, method, image, variant, {"iterations": sweeps["iterations"]})
     depth = FitConfig.from_dict(base).model.depth
     configs = [
@@ -65,7 +65,7 @@ def sweep_command(kind: str, params_file: str, dvc_stage: str, track: bool) -> N
                 cleans=[problem.clean] * len(group),
             )
     record = FitRecord(task, variant, image, method, meta, params.get("profile", "custom"))
-    outs = [RUNS / "sweeps" / kind / str(value) for value in values]
+    outs = [sweep_dir(kind, value) for value in values]
     summaries = [
         record.write(out, problem, result) for out, result in zip(outs, results, strict=True)
     ]

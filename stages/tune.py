@@ -37,13 +37,12 @@ from pipeline.batched import MemberView, fit_batched
 from pipeline.errors import UserError
 from pipeline.fit import TASK_DEFAULTS, FitConfig
 from pipeline.imageio import write_bytes_atomic
+from pipeline.layout import TUNED_VALUES, prepared_dir, tuned_dir
 from pipeline.observations import read_observation
 from pipeline.problem import Problem, observed, simulate
 from pipeline.results import write_json
 from pipeline.settings import (
     TASK_VARIANTS,
-    TUNED,
-    TUNED_VALUES,
     fit_settings,
     load_params,
     parse_variant,
@@ -69,7 +68,6 @@ from pipeline.tuning import (
 )
 from stages.fit import csv_floats, pop_task_options
 from stages.optimize import _overrides
-from stages.prepare import PREPARED
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -452,7 +450,7 @@ def tune_command(
         if variant_value is None and TASK_VARIANTS.get(task):
             variant_value = str(task_variants(params, task)[0])
         variant = variant_name(task, parse_variant(task, variant_value))
-        folder = PREPARED / task / variant / image
+        folder = prepared_dir(task, variant, image)
         if not folder.is_dir():
             raise UserError(
                 f"IMAGE {image!r} is neither an image file nor a prepared observation ({folder})"
@@ -516,7 +514,7 @@ def tune_command(
             tracker.log_trial(outcome, name)
 
     objective.on_trial = on_trial
-    out = out_dir or TUNED / task / variant / name
+    out = out_dir or tuned_dir(task, variant, name)
     info = {
         "task": task,
         "variant": variant,

@@ -50,9 +50,9 @@ def config(**overrides: object) -> FitConfig:
         "lr": 1e-3,
         "device": "cpu",
         "log_every": 2,
-        "stop_window": 2,
-        "stop_eps": 1e9,  # fires at the first measurement the rule allows (5)
-        "variance_window": 4,
+        "ratio_window": 2,
+        "ratio_eps": 1e9,  # fires at the first measurement the rule allows (5)
+        "wmv_window": 4,
         # A batched pass lays the members out as channel groups (NCHW), so solo fits compare to
         # it to rounding in that layout; test_speed_options_give_close_results covers NHWC.
         "channels_last": False,

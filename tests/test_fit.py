@@ -21,8 +21,8 @@ def tiny(**overrides) -> FitConfig:
         "lr": 0.01,
         "device": "cpu",
         "log_every": 20,
-        "stop_window": 5,
-        "variance_window": 10,
+        "ratio_window": 5,
+        "wmv_window": 10,
         **overrides,
     }
     return FitConfig.from_dict(values)
@@ -75,7 +75,7 @@ def test_curves_have_one_row_per_measured_iteration(astronaut_64):
 def test_stop_output_is_the_output_at_the_stop_iteration(astronaut_64):
     task = Denoising(sigma=25)
     y = task.observe(astronaut_64)
-    config = tiny(iterations=80, stop_window=3, stop_eps=1e9)  # fires as soon as allowed
+    config = tiny(iterations=80, ratio_window=3, ratio_eps=1e9)  # fires as soon as allowed
     result = fit(y, task, config, clean=astronaut_64)
     assert result.stop_iteration == 7  # first i > 2n
     replay = FitState(y, task, config, clean=astronaut_64)
@@ -89,7 +89,7 @@ def test_stop_output_is_the_output_at_the_stop_iteration(astronaut_64):
 def test_halt_at_stop_ends_the_fit_early(astronaut_64):
     task = Denoising(sigma=25)
     y = task.observe(astronaut_64)
-    result = fit(y, task, tiny(iterations=200, stop_eps=1e9, halt_at_stop=True, log_every=10))
+    result = fit(y, task, tiny(iterations=200, ratio_eps=1e9, halt_at_stop=True, log_every=10))
     assert result.stop_iteration is not None
     assert result.iterations_run < 200
 

@@ -38,11 +38,11 @@ def shrink(params: dict) -> dict:
     for task in params["tasks"].values():
         task["images"] = task["images"][:1]
         task["fit"]["iterations"] = ITERATIONS
-    params["fit"].update(width=8, iterations=ITERATIONS, log_every=8, stop_window=4)
+    params["fit"].update(width=8, iterations=ITERATIONS, log_every=8)
     params["sweeps"].update(lam=[0.5, 2.0], gauss_sigma=[0.5], iterations=ITERATIONS, batch=2)
     for rule in ("es_wmv", "es_emv"):
-        params["evaluate"]["rules"][rule]["patience"] = 5
-    params["evaluate"]["rules"]["ratio"]["window"] = 4
+        params["stopping"][rule]["patience"] = 5
+    params["stopping"]["ratio"]["window"] = 4
     return params
 
 

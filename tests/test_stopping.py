@@ -44,23 +44,39 @@ def test_never_fires_before_2n_plus_1():
 def test_online_rule_matches_offline():
     rng = np.random.default_rng(0)
     r = np.concatenate([np.linspace(1, 0.2, 60), 0.2 + rng.normal(0, 1e-3, 80)])
-    rule = OnlineRatioRule(window=10, eps=0.01)
-    flags = [bool(rule.update(torch.tensor(v))) for v in r]
+    other = 2.0 - r  # falls then plateaus at 1.8: fires at the same index
+    rule = OnlineRatioRule(members=3, window=10, eps=0.01)
+    firsts = [
+        rule.update(torch.tensor([v, 5.0 - 0.05 * i, w]))
+        for i, (v, w) in enumerate(zip(r, other, strict=True))
+    ]
     expected = ratio_rule(r, 10, 0.01)
-    assert expected is not None
-    assert int(rule.fired_at) == expected
-    assert flags.index(True) == expected and all(flags[expected:])
+    assert expected is not None and ratio_rule(5.0 - 0.05 * np.arange(len(r)), 10, 0.01) is None
+    assert rule.fired_at.tolist() == [expected, -1, ratio_rule(other, 10, 0.01)]
+    assert [bool(f[0]) for f in firsts].index(True) == expected
+    assert sum(bool(f[0]) for f in firsts) == 1  # "first" is true once; fired stays latched
+    assert rule.fired.tolist() == [True, False, True]
 
 
 def test_online_rule_state_round_trip():
     r = np.linspace(1, 0, 50)
     a, b = OnlineRatioRule(window=5), OnlineRatioRule(window=5)
     for v in r[:30]:
-        a.update(torch.tensor(v))
+        a.update(torch.tensor([v]))
     b.load_state_dict(a.state_dict())
     for v in r[30:]:
-        assert bool(a.update(torch.tensor(v))) == bool(b.update(torch.tensor(v)))
-    assert int(a.fired_at) == int(b.fired_at)
+        assert bool(a.update(torch.tensor([v]))) == bool(b.update(torch.tensor([v])))
+    assert a.fired_at.tolist() == b.fired_at.tolist()
+
+
+def test_online_rule_select_keeps_the_chosen_members():
+    rule = OnlineRatioRule(members=3, window=2, eps=0.5)
+    for i in range(6):
+        rule.update(torch.tensor([1.0, 10.0 * i, 2.0]))
+    rule.select(torch.tensor([2, 1]))
+    assert rule.fired.tolist() == [True, False] and rule.fired_at.tolist() == [5, -1]
+    # A ring of 2n + 1 = 5 slots: measurement 5 overwrote slot 0.
+    assert rule.history.tolist() == [[2.0] * 5, [50.0, 10.0, 20.0, 30.0, 40.0]]
 
 
 def test_oracle_peak():

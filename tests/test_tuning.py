@@ -22,9 +22,10 @@ from skimage import data
 from pipeline.degradations import Denoising, Inpainting
 from pipeline.errors import UserError
 from pipeline.fit import FitConfig, fit
+from pipeline.layout import tuned_values_path
 from pipeline.observations import write_observation
 from pipeline.problem import simulate
-from pipeline.settings import fit_settings, load_yaml, tuned_values_path
+from pipeline.settings import fit_settings, load_yaml
 from pipeline.tuning import (
     HoldoutDegradation,
     Objective,
