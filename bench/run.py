@@ -64,12 +64,12 @@ from bench.layers_speed import (
     markdown_table,
     training_step,
 )
-from pipeline.batched import BatchedFitState
 from pipeline.degradations import Denoising
 from pipeline.fit import FitConfig, FitState
 from pipeline.lipschitz import CERTIFY_WARMUP
 from pipeline.model import Decoder, DecoderConfig, make_input
 from pipeline.results import write_json
+from pipeline.runtime import configure
 from pipeline.settings import fit_settings, load_yaml, task_variants
 from pipeline.upsample import GaussianUpsample
 from tests import numpy_reference
@@ -105,19 +105,19 @@ def problem(size: int, seed: int = 0) -> tuple[Denoising, Tensor, Tensor]:
 
 def single_state(size: int, width: int, iterations: int, **overrides: Any) -> FitState:
     task, y, clean = problem(size)
-    return FitState(y, task, fit_config(width, iterations, **overrides), clean=clean)
+    return FitState([y], [task], [fit_config(width, iterations, **overrides)], [clean])
 
 
 def batched_state(
     size: int, width: int, members: int, iterations: int, **overrides: Any
-) -> BatchedFitState:
+) -> FitState:
     """K members: different images, seeds and λ, as a batch of the tune stage or a sweep."""
     problems = [problem(size, seed) for seed in range(members)]
     configs = [
         fit_config(width, iterations, seed=seed, lam=1.0 + 0.1 * seed, **overrides)
         for seed in range(members)
     ]
-    return BatchedFitState(
+    return FitState(
         [y for _, y, _ in problems],
         [task for task, _, _ in problems],
         configs,
@@ -327,9 +327,9 @@ def grouped_forward(
     return torch.sigmoid(conv("tail", template.tail, x)).view(members, -1, *x.shape[-2:])
 
 
-def network_step(state: BatchedFitState, forward: Callable[[], Tensor]) -> Callable[[], None]:
+def network_step(state: FitState, forward: Callable[[], Tensor]) -> Callable[[], None]:
     """Forward, summed losses, backward and Adam on the batch's parameters (no measures)."""
-    y = state.monitor.y
+    y = state.monitor.observations.y
 
     def step() -> None:
         loss = F.mse_loss(forward(), y, reduction="none").mean(dim=(1, 2, 3)).sum()
@@ -343,9 +343,10 @@ def network_step(state: BatchedFitState, forward: Callable[[], Tensor]) -> Calla
 def formulations(width: int, members: int, reps: int) -> dict[str, Any]:
     """vmap against hand-written grouped convolutions and K sequential networks (ms/step)."""
     state = batched_state(64, width, members, iterations=10)
+    net = state.network
     with torch.no_grad():
-        vmapped = state.forward(state.z)
-        grouped = grouped_forward(state.template, state.weights(), state.buffers, state.z)
+        vmapped = net.forward()
+        grouped = grouped_forward(net.template, net.weights(), net.buffers, net.z)
     error = float((vmapped - grouped).abs().max())
     if error > 1e-5:
         raise RuntimeError(f"grouped forward differs from the vmapped one by {error:.2e}")
@@ -356,9 +357,9 @@ def formulations(width: int, members: int, reps: int) -> dict[str, Any]:
             single.step()
 
     steps = {
-        "vmap": network_step(state, lambda: state.forward(state.z)),
+        "vmap": network_step(state, net.forward),
         "grouped": network_step(
-            state, lambda: grouped_forward(state.template, state.weights(), state.buffers, state.z)
+            state, lambda: grouped_forward(net.template, net.weights(), net.buffers, net.z)
         ),
         "sequential": sequential,
     }
@@ -419,7 +420,7 @@ def memory_probe(spec: str) -> None:
         refs.write("5")  # resets VmHWM to the current resident set
     before = _proc_status("VmRSS")
     if members == 1:
-        state: FitState | BatchedFitState = single_state(size, width, iterations=4)
+        state: FitState = single_state(size, width, iterations=4)
     else:
         state = batched_state(size, width, members, iterations=4)
     state.step()
@@ -524,7 +525,7 @@ def paper_estimate(
 
 
 GPU_OPTIONS: dict[str, dict[str, Any]] = {
-    "fp32": {},
+    "fp32": {"precision": "fp32"},
     "tf32": {"precision": "tf32"},
     "bf16": {"precision": "bf16"},
     "nchw": {"channels_last": False},
@@ -551,7 +552,7 @@ def gpu_suite(
     rows: dict[str, Any] = {}
     for option in options:
         values = GPU_OPTIONS[option]
-        cases: list[tuple[int, Callable[[], FitState | BatchedFitState]]] = [
+        cases: list[tuple[int, Callable[[], FitState]]] = [
             (0, lambda v=values: single_state(size, 128, 64, device=device, **v))
         ]
         if option != "nchw":
@@ -560,6 +561,8 @@ def gpu_suite(
                 (k, lambda k=k, v=values: batched_state(size, 128, k, 64, device=device, **v))
                 for k in members
             ]
+        # TF32 is a process-wide switch (pipeline.runtime): set for each row.
+        configure(0, values.get("precision", "tf32"), torch.device(device))
         for members_count, build in cases:
             if cuda:
                 torch.cuda.empty_cache()
@@ -568,7 +571,7 @@ def gpu_suite(
             state.step()  # compiles when asked
             synchronize()
 
-            def step(state: FitState | BatchedFitState = state) -> None:
+            def step(state: FitState = state) -> None:
                 state.step()
                 synchronize()
 
@@ -726,8 +729,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.gpu and torch.cuda.is_available() else "cpu")
+    configure(args.threads or 0, "fp32", device)
     if args.memory_probe:
         memory_probe(args.memory_probe)
         return

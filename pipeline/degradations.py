@@ -13,7 +13,7 @@ import inspect
 import math
 from abc import ABC, abstractmethod
 from io import BytesIO
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -56,6 +56,11 @@ class Degradation(ABC):
     """A task: observation ``y = A(x)``, fitting loss, output size and restored image."""
 
     name: ClassVar[str]
+    backtracks: ClassVar[bool] = False
+    """Whether fits of this task use DIP's backtracking by default (method.md §5)."""
+    defaults: ClassVar[dict[str, Any]] = {"lam": 1.4}
+    """The task's fit settings in the reference scripts (method.md §2, experiments.md "Tasks"):
+    they override :class:`pipeline.fit.FitConfig`'s defaults, and profiles override both."""
 
     @abstractmethod
     def observe(self, x: torch.Tensor) -> torch.Tensor:
@@ -98,6 +103,7 @@ class Denoising(Degradation):
     """
 
     name = "denoising"
+    backtracks = True
 
     def __init__(self, sigma: float = 25, seed: int = 0) -> None:
         self.sigma = _check_number("sigma", sigma)
@@ -120,6 +126,7 @@ class JpegDeblocking(Degradation):
     """
 
     name = "deblocking"
+    backtracks = True
 
     def __init__(self, quality: int = 10) -> None:
         self.quality = _check_int("quality", quality)
@@ -147,6 +154,7 @@ class Inpainting(Degradation):
     """
 
     name = "inpainting"
+    defaults: ClassVar[dict[str, Any]] = {"lam": 1.6}
 
     def __init__(self, mask: torch.Tensor | None = None, p: float = 0.5, seed: int = 0) -> None:
         self.p = _check_number("p", p)
@@ -234,6 +242,8 @@ class SuperResolution(Degradation):
     """
 
     name = "sr"
+    # λ for super-resolution is not published (tune it); the budget is DIP's 2,000 for ×4.
+    defaults: ClassVar[dict[str, Any]] = {"lam": 1.4, "iterations": 2000}
 
     def __init__(self, factor: int = 4, phase: float = 0.5) -> None:
         self.factor = _check_int("factor", factor)
@@ -279,6 +289,7 @@ class Enhancement(Degradation):
     """
 
     name = "enhancement"
+    defaults: ClassVar[dict[str, Any]] = {"lam": 1.0, "iterations": 100}
 
     def __init__(self, gain: float = 1.0, signed: bool = False) -> None:
         self.gain = _check_number("gain", gain)

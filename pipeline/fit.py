@@ -1,29 +1,26 @@
-"""The fit loop: optimise a randomly initialised decoder to one degraded observation.
+"""The fit loop: optimise randomly initialised decoders to degraded observations, K ≥ 1 at once.
 
-Adam on ``MSE(A(f_θ(z)), y)`` (method.md §6) with, at every measured iteration, the spectral
-measures of the output (FBC bands against the observation, blurriness, sharpness, their ratio),
-PSNR against the observation and — when the clean image is given, for evaluation only — against
-the clean image. All measurements stay on the device in preallocated curves; the host reads them
-only every ``log_every`` iterations, when callbacks run.
+Adam on ``MSE(A'(f_θ(z)), y)`` (method.md §6; Shi et al. 2022, Sec. 3) with, at every measured
+iteration, the spectral measures of the output (:mod:`pipeline.monitor`): FBC bands against the
+observation, blurriness, sharpness, their ratio and its stopping rule, PSNR against the observation
+and — when the clean image is given, for evaluation only — against the clean image. Everything stays
+on the device; the host reads it only every ``log_every`` iterations, when callbacks run.
 
-Everything a fit needs to continue lives in one :class:`FitState` (model, optimiser, input,
-RNG, stopping-rule state, curves so far), so it can be checkpointed, resumed or batched. What is
-measured lives in a :class:`FitMonitor` of K members, K = 1 here; :mod:`pipeline.batched` runs K
-fits in one network pass with the same monitor.
-
-GPU path (issue 5): ``precision`` (strict float32, TF32, bfloat16 autocast), ``channels_last``,
-``compile`` (``torch.compile``); host ↔ device copies go through pinned memory, and the curves
-come back in one transfer per read.
+One engine, :class:`FitState`, runs K ≥ 1 fits in lockstep. What differs with K is only the
+network strategy (:mod:`pipeline.networks`: a plain module for one fit, vmapped stacked parameters
+for several). Members may differ in :data:`MEMBER_SETTINGS`, their observation, task and clean
+image; one Adam over the (stacked) parameters is exactly K independent Adams (Adam is elementwise,
+and member k's parameters receive the gradient of its own loss only). At each sync a member that its
+callback asks to end, or (``halt_at_stop``) whose ratio rule has fired, is recorded and dropped
+from the stacks, so it stops changing and the others run faster.
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
+import math
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields, replace
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -32,26 +29,15 @@ from torch import Tensor
 
 from pipeline.degradations import Degradation
 from pipeline.errors import UserError
-from pipeline.measures import blur, fbc, psnr, psnr_y, sharpness
-from pipeline.model import Decoder, DecoderConfig, make_input
-from pipeline.stopping import OnlineRatioRule, StoppingConfig
+from pipeline.model import DecoderConfig
+from pipeline.monitor import PSNR_PROTOCOLS, FitMonitor
+from pipeline.networks import NetworkSettings, ParamPairs, build_network
+from pipeline.results import FitResult
+from pipeline.stopping import StoppingConfig
 
-BACKTRACK_TASKS = ("denoising", "deblocking")
-PSNR_PROTOCOLS = {
-    "rgb": psnr,
-    "y": lambda x, ref: psnr_y(x, ref, shave=4),
-}
 PRECISIONS = ("fp32", "tf32", "bf16")
-
-TASK_DEFAULTS: dict[str, dict[str, Any]] = {
-    "denoising": {"lam": 1.4},
-    "deblocking": {"lam": 1.4},
-    "inpainting": {"lam": 1.6},
-    "sr": {"lam": 1.4, "iterations": 2000},
-    "enhancement": {"lam": 1.0, "iterations": 100},
-}
-"""Per-task settings of the reference scripts (method.md §2, experiments.md "Tasks"). λ for
-super-resolution is not published (tune it); its budget is DIP's 2,000 iterations for ×4."""
+MEMBER_SETTINGS = ("seed", "lam", "gauss_sigma")
+"""Settings that may differ between the members of one fit engine; all others must agree."""
 
 
 @dataclass(frozen=True)
@@ -67,11 +53,15 @@ class FitConfig:
     fit runs the whole budget and the output at the stop is kept on the side.
 
     Speed options (results agree with the defaults to rounding, or to bfloat16's precision):
-    ``precision`` is ``fp32`` (strict float32; TF32 off on CUDA), ``tf32`` (CUDA's TF32 tensor
-    cores for convolutions and matrix products) or ``bf16`` (bfloat16 autocast of the network's
-    forward; losses and measures stay float32); ``channels_last`` (the default) stores activations
-    NHWC, faster on this project's CPU at every size measured (64² width 32 to 512² width 128);
-    ``compile`` runs the network through ``torch.compile``.
+    ``precision`` is ``tf32`` (the default: CUDA's TF32 tensor cores for convolutions and matrix
+    products, as PyTorch's own default for convolutions, which the reference code ran with),
+    ``fp32`` (strict float32) or ``bf16`` (bfloat16 autocast of the network's forward; σ̂, losses
+    and measures stay float32). The TF32 switches are process-wide:
+    :func:`pipeline.runtime.configure` sets them where the process starts (the ``sdip`` commands
+    do), as it does ``threads``. On the CPU ``fp32`` and ``tf32`` are the same float32 fit.
+    ``channels_last`` (the default) stores activations NHWC, faster on this project's CPU at every
+    size measured (64² width 32 to 512² width 128); ``compile`` runs the network through
+    ``torch.compile``.
     """
 
     model: DecoderConfig = field(default_factory=DecoderConfig)
@@ -89,11 +79,22 @@ class FitConfig:
     input_noise: float = 0.0
     psnr_protocol: str = "rgb"
     threads: int = 0
-    precision: str = "fp32"
+    precision: str = "tf32"
     channels_last: bool = True
     compile: bool = False
 
     def __post_init__(self) -> None:
+        integers = ("iterations", "seed", "measure_every", "log_every", "fbc_bands", "threads")
+        for name in integers:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise UserError(f"fit setting {name} must be an integer, got {value!r}")
+        for name in ("lr", "backtrack_drop_db", "input_noise"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise UserError(f"fit setting {name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise UserError(f"fit setting {name} must be finite, got {value!r}")
         checks = {
             "iterations": self.iterations >= 1,
             "lr": self.lr > 0,
@@ -137,37 +138,6 @@ class FitConfig:
         return {**values.pop("model"), **values.pop("stopping"), **values}
 
 
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-HEAP_RETAIN_BYTES = 1 << 31
-"""Freed memory the process keeps for reuse on CPU (glibc's trim threshold, see prepare_host)."""
-
-
-def prepare_host(config: FitConfig, device: torch.device) -> None:
-    """Process-wide settings for fits: PyTorch's CPU threads (``threads`` > 0) and, on a CPU with
-    glibc, an allocator that keeps freed memory.
-
-    glibc hands blocks over 32 MiB back to the kernel on free, so a 512² fit, whose activation
-    maps are 128 MiB each, re-faults them at every step: 4.9 M page faults and 7.6 of 20 s in the
-    kernel for 7 steps of the width-128 decoder, measured. Raising the mmap and trim thresholds
-    keeps them on the heap: 2.42 → 1.80 s a step. Smaller maps never reach the threshold.
-    """
-    if config.threads > 0:
-        torch.set_num_threads(config.threads)
-    if device.type == "cpu":
-        _keep_freed_memory()
-
-
-@functools.cache
-def _keep_freed_memory() -> None:
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return  # not glibc (macOS, musl): its allocator is left alone
-    libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
-    libc.mallopt(_M_TRIM_THRESHOLD, HEAP_RETAIN_BYTES)
-
-
 def resolve_device(name: str) -> torch.device:
     """``auto`` is CUDA when present, else CPU."""
     if name == "auto":
@@ -181,70 +151,12 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-CURVE_NAMES = ("loss", "psnr", "psnr_obs", "blur", "sharpness", "ratio", "wmv", "emv")
-
-
-@dataclass
-class FitResult:
-    """What one fit produced. Images are restored images (1,C,H,W) on the CPU in [0,1]."""
-
-    final: Tensor
-    at_stop: Tensor
-    best: Tensor | None
-    stop_iteration: int | None
-    best_iteration: int | None
-    iterations_run: int
-    curves: dict[str, np.ndarray]
-    wall_time: float
-    config: FitConfig
-
-    def summary(self) -> dict[str, Any]:
-        """Scalars of the fit: stop, peak and final values of the curves."""
-
-        def at(name: str, iteration: int | None) -> float | None:
-            if iteration is None:
-                return None
-            index = int(np.searchsorted(self.curves["iteration"], iteration))
-            value = float(self.curves[name][index])
-            return None if np.isnan(value) else value
-
-        last = int(self.curves["iteration"][-1])
-        return {
-            "iterations_run": self.iterations_run,
-            "stop_iteration": self.stop_iteration,
-            "best_iteration": self.best_iteration,
-            "psnr_final": at("psnr", last),
-            "psnr_stop": at(
-                "psnr", self.stop_iteration if self.stop_iteration is not None else last
-            ),
-            "psnr_best": at("psnr", self.best_iteration),
-            "psnr_obs_final": at("psnr_obs", last),
-            "wall_time_s": round(self.wall_time, 3),
-        }
-
-
-def init_fit(
-    config: FitConfig, channels: int, height: int, width: int, device: torch.device
-) -> tuple[Decoder, Tensor, torch.Generator]:
-    """The decoder, its fixed input z and the input-noise generator of one fit.
-
-    All three come from ``config.seed`` in separate streams (weights: seed, z: seed + 1, input
-    noise: seed + 2), so a fit is the same whether it runs alone or batched with others.
-    """
-    model_config = replace(config.model, out_channels=channels)
-    weights = torch.Generator().manual_seed(config.seed)
-    model = Decoder(model_config, generator=weights).to(device)
-    inputs = torch.Generator().manual_seed(config.seed + 1)
-    z = make_input(model_config, height, width, inputs).to(device)
-    if config.channels_last:
-        z = z.contiguous(memory_format=torch.channels_last)
-    noise = torch.Generator(device).manual_seed(config.seed + 2)
-    return model, z, noise
-
-
-def perturbed(z: Tensor, scale: float, generator: torch.Generator) -> Tensor:
-    """``z + scale·n``, n ~ N(0, 1) drawn from ``generator`` (DIP's input regularisation)."""
-    return z + scale * torch.randn(z.shape, generator=generator, device=z.device)
+def to_device(x: Tensor, device: torch.device) -> Tensor:
+    """``x`` in float32 on ``device``; a host → CUDA copy goes through pinned memory, async."""
+    x = x.detach().to(torch.float32)
+    if device.type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
 
 
 def output_shape(task: Degradation, y: Tensor, clean: Tensor | None) -> tuple[int, int, int]:
@@ -258,47 +170,28 @@ def output_shape(task: Degradation, y: Tensor, clean: Tensor | None) -> tuple[in
 
 
 def uses_backtracking(config: FitConfig, task: Degradation) -> bool:
-    """``config.backtrack``, or the task's default when None (on for denoising, deblocking)."""
-    return task.name in BACKTRACK_TASKS if config.backtrack is None else config.backtrack
+    """``config.backtrack``, or when None the task's own default (``Degradation.backtracks``)."""
+    return task.backtracks if config.backtrack is None else config.backtrack
 
 
-def to_device(x: Tensor, device: torch.device) -> Tensor:
-    """``x`` in float32 on ``device``; a host → CUDA copy goes through pinned memory, async."""
-    x = x.detach().to(torch.float32)
-    if device.type == "cuda" and x.device.type == "cpu":
-        return x.pin_memory().to(device, non_blocking=True)
-    return x.to(device)
-
-
-def to_host(tensors: Sequence[Tensor]) -> list[Tensor]:
-    """Copies of same-dtype ``tensors`` on the host, moved in one transfer (into pinned memory
-    from CUDA): one synchronisation however many curves are read."""
-    flat = torch.cat([t.detach().reshape(-1) for t in tensors])
-    if flat.device.type == "cuda":
-        host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
-        host.copy_(flat, non_blocking=True)
-        torch.cuda.current_stream(flat.device).synchronize()
-        flat = host
-    parts = flat.split([t.numel() for t in tensors])
-    return [part.reshape(t.shape) for part, t in zip(parts, tensors, strict=True)]
-
-
-@contextmanager
-def float32_precision(precision: str) -> Iterator[None]:
-    """CUDA's TF32 switches for convolutions and matrix products: on for ``tf32``, off
-    otherwise (strict float32), restored on exit. They have no effect on the CPU."""
-    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
-    saved = matmul.allow_tf32, cudnn.allow_tf32
-    matmul.allow_tf32 = cudnn.allow_tf32 = precision == "tf32"
-    try:
-        yield
-    finally:
-        matmul.allow_tf32, cudnn.allow_tf32 = saved
-
-
-def autocast(precision: str, device: torch.device) -> torch.autocast:
-    """bfloat16 autocast of the network's forward for ``bf16``, a no-op otherwise."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+def common_config(configs: Sequence[FitConfig]) -> FitConfig:
+    """The first config, after checking that the others differ from it only in
+    :data:`MEMBER_SETTINGS`; otherwise a :class:`UserError` naming the settings."""
+    if not configs:
+        raise UserError("a fit needs at least one member")
+    base = configs[0].flat()
+    for index, config in enumerate(configs[1:], start=1):
+        differ = [
+            name
+            for name, value in config.flat().items()
+            if name not in MEMBER_SETTINGS and value != base[name]
+        ]
+        if differ:
+            raise UserError(
+                f"member {index} of the batch differs from member 0 in {', '.join(differ)}; "
+                f"only {', '.join(MEMBER_SETTINGS)} may differ between batched fits"
+            )
+    return configs[0]
 
 
 class Backtracking:
@@ -328,270 +221,205 @@ class Backtracking:
         self.saved_psnr_obs = self.saved_psnr_obs.index_select(0, index)
 
 
-class FitMonitor:
-    """Everything measured while K ≥ 1 fits advance in lockstep, kept on the device.
+def select_adam(optimizer: torch.optim.Adam, pairs: ParamPairs, index: Tensor) -> torch.optim.Adam:
+    """A new Adam over the new parameters of ``pairs`` with the moments of the members at
+    ``index``; the step count is a shared scalar, the moments lead with the member dimension."""
+    lr = optimizer.param_groups[0]["lr"]
+    selected = torch.optim.Adam([new for _, new in pairs], lr=lr)
+    for old, new in pairs:
+        moments = optimizer.state.get(old)
+        if moments:
+            selected.state[new] = {
+                key: value.index_select(0, index) if value.dim() else value.clone()
+                for key, value in moments.items()
+            }
+    return selected
 
-    At a measured iteration m with outputs ``out`` (K, C, H, W), each member k records its loss;
-    the PSNR and the FBC bands (method.md §4) of ``A'(out)·mask`` against its observation; blur,
-    sharpness and their ratio (§5), which feeds the members' :class:`OnlineRatioRule` (the output at
-    the rule's first firing is kept); with the clean image, PSNR against it under
-    ``psnr_protocol`` and the best output so far; and the windowed (ES-WMV) and exponential
-    (ES-EMV) moving variances of its outputs. Curves are (K, n) tensors, n = ⌈iterations /
-    measure_every⌉. A single fit (:class:`FitState`) is K = 1; batched fits
-    (:mod:`pipeline.batched`) use this same code.
+
+class MemberView:
+    """One running member of a fit, as callbacks see it: ``member`` (its index in the configs),
+    ``config``, ``iteration``, ``measured``, ``curves`` (on the device), ``last_out``, ``stopped``
+    and ``curves_numpy()``."""
+
+    def __init__(self, state: FitState, position: int) -> None:
+        self._state = state
+        self._position = position
+        self.member = state.members[position]
+        self.config = state.configs[self.member]
+        self.iteration = state.iteration
+
+    @property
+    def measured(self) -> int:
+        return self._state.monitor.measured
+
+    @property
+    def curves(self) -> dict[str, Tensor]:
+        return self._state.monitor.curves.of(self._position)
+
+    @property
+    def last_out(self) -> Tensor:
+        return self._state.last_out[self._position : self._position + 1]
+
+    @property
+    def stopped(self) -> bool:
+        """Whether this member's ratio rule has fired (a host sync)."""
+        return bool(self._state.monitor.stop.rule.fired[self._position])
+
+    def curves_numpy(self) -> dict[str, np.ndarray]:
+        return self._state.monitor.curves_numpy(self._position)
+
+
+Callback = Callable[[MemberView], bool | None]
+"""Called with each running member every ``log_every`` iterations and at the end; returning True
+ends that member now (e.g. a pruner), raising aborts the whole fit."""
+
+
+class FitState:
+    """The state of K ≥ 1 fits advanced in lockstep by :meth:`step` (module docstring).
+
+    ``members`` lists the indices (into ``configs``) of the members still running, in the order of
+    the stacks; ``results`` holds the :class:`FitResult` of every member that has ended.
     """
 
     def __init__(
         self,
-        config: FitConfig,
+        observations: Sequence[Tensor],
         tasks: Sequence[Degradation],
-        y: Tensor,
-        clean: Tensor | None,
-        out_shape: tuple[int, int, int],
+        configs: Sequence[FitConfig],
+        cleans: Sequence[Tensor | None] | None = None,
     ) -> None:
-        cfg, dev, k = config, y.device, len(tasks)
-        self.config = config
-        self.tasks = list(tasks)
-        self.y = y
-        self.clean = clean
-        masks = [task.loss_mask(y[i : i + 1]) for i, task in enumerate(self.tasks)]
-        self.mask = (
-            None
-            if all(mask is None for mask in masks)
-            else torch.cat(
-                [
-                    torch.ones_like(y[i : i + 1, :1]) if mask is None else mask
-                    for i, mask in enumerate(masks)
-                ]
+        count = len(configs)
+        cleans = [None] * count if cleans is None else list(cleans)
+        if not len(observations) == len(tasks) == len(cleans) == count:
+            raise UserError(
+                f"a fit needs one observation, task and clean image (or None) per config: got "
+                f"{len(observations)}, {len(tasks)}, {len(cleans)} for {count}"
             )
-        )
-        n = -(-cfg.iterations // cfg.measure_every)
-        self.measured = 0
-        self.curves = {name: torch.full((k, n), float("nan"), device=dev) for name in CURVE_NAMES}
-        self.curves["fbc"] = torch.full((k, n, cfg.fbc_bands), float("nan"), device=dev)
-        stopping = cfg.stopping
-        self.rule = OnlineRatioRule(k, stopping.ratio_window, stopping.ratio_eps, dev)
-        shape = (k, *out_shape)
-        self.stop_out = torch.zeros(shape, device=dev)
-        self.best_out = torch.zeros(shape, device=dev)
-        self.best_psnr = torch.full((k,), -float("inf"), device=dev)
-        self.best_at = torch.full((k,), -1, dtype=torch.long, device=dev)
-        window = cfg.stopping.wmv_window
-        self.window_outs = torch.zeros((window, *shape), device=dev) if window else None
-        self.window_sum = torch.zeros(shape, dtype=torch.float64, device=dev)
-        self.window_sq = torch.zeros((k,), dtype=torch.float64, device=dev)
-        self.ema = torch.zeros(shape, device=dev)
-        self.emv = torch.zeros((k,), device=dev)
-
-    def record(self, out: Tensor, loss: Tensor) -> Tensor:
-        """Measure outputs ``out`` (K, C, H, W) with losses ``loss`` (K,) as the next measurement;
-        returns the members' PSNR of ``A'(out)·mask`` against their observations (K,)."""
-        m, c, cfg = self.measured, self.curves, self.config
-        seen = torch.cat([task.forward(out[i : i + 1]) for i, task in enumerate(self.tasks)])
-        if self.mask is not None:
-            seen = seen * self.mask
-        c["loss"][:, m] = loss
-        psnr_obs = psnr(seen, self.y)
-        c["psnr_obs"][:, m] = psnr_obs
-        c["fbc"][:, m] = fbc(seen if seen.shape == self.y.shape else out, self.y, cfg.fbc_bands)
-        b, s = blur(out), sharpness(out)
-        c["blur"][:, m], c["sharpness"][:, m] = b, s
-        ratio = b / s
-        c["ratio"][:, m] = ratio
-        first = self.rule.update(ratio)
-        self.stop_out = torch.where(first.view(-1, 1, 1, 1), out, self.stop_out)
-        if self.clean is not None:
-            p = PSNR_PROTOCOLS[cfg.psnr_protocol](out, self.clean)
-            c["psnr"][:, m] = p
-            better = p > self.best_psnr
-            self.best_out = torch.where(better.view(-1, 1, 1, 1), out, self.best_out)
-            self.best_psnr = torch.where(better, p, self.best_psnr)
-            self.best_at = torch.where(better, torch.full_like(self.best_at, m), self.best_at)
-        self._track_variance(out, m)
-        self.measured += 1
-        return psnr_obs
-
-    def _track_variance(self, x: Tensor, m: int) -> None:
-        """Windowed (ES-WMV) and exponential (ES-EMV) moving variance of the outputs."""
-        cfg = self.config
-        dims = (1, 2, 3)
-        numel = x[0].numel()
-        if self.window_outs is not None:
-            w = cfg.stopping.wmv_window
-            slot = m % w
-            old = self.window_outs[slot]
-            self.window_sum += x.double() - old.double()
-            self.window_sq += x.double().square().sum(dims) - old.double().square().sum(dims)
-            self.window_outs[slot] = x
-            if m + 1 >= w:
-                mean = self.window_sum / w
-                var = (self.window_sq / w - mean.square().sum(dims)) / numel
-                self.curves["wmv"][:, m] = var.float()
-        if m == 0:
-            self.ema = x.clone()
-            self.curves["emv"][:, m] = 0.0
-        else:
-            a = cfg.stopping.emv_alpha
-            dev2 = (x - self.ema).square().mean(dims)
-            self.emv = (1 - a) * self.emv + a * (1 - a) * dev2
-            self.ema = (1 - a) * self.ema + a * x
-            self.curves["emv"][:, m] = self.emv
-
-    def fired(self) -> list[bool]:
-        """Whether each member's ratio rule has fired (one host synchronisation)."""
-        return [bool(v) for v in to_host([self.rule.fired])[0]]
-
-    def select(self, keep: Sequence[int]) -> None:
-        """Keep only the members at positions ``keep``, in that order."""
-        index = torch.tensor(list(keep), device=self.y.device)
-        self.tasks = [self.tasks[i] for i in keep]
-        self.rule.select(index)
-        self.curves = {name: values.index_select(0, index) for name, values in self.curves.items()}
-        for name in (
-            "y",
-            "clean",
-            "mask",
-            "stop_out",
-            "best_out",
-            "best_psnr",
-            "best_at",
-            "window_sum",
-            "window_sq",
-            "ema",
-            "emv",
-        ):
-            value = getattr(self, name)
-            if value is not None:
-                setattr(self, name, value.index_select(0, index))
-        if self.window_outs is not None:
-            self.window_outs = self.window_outs.index_select(1, index)
-
-    def curves_numpy(self, member: int) -> dict[str, np.ndarray]:
-        """Member ``member``'s curves so far, on the host (one synchronisation)."""
-        m = self.measured
-        names = (*CURVE_NAMES, "fbc")
-        host = to_host([self.curves[name][member, :m] for name in names])
-        out = {name: values.numpy() for name, values in zip(CURVE_NAMES, host, strict=False)}
-        for band in range(self.config.fbc_bands):
-            out[f"fbc_{band + 1}"] = host[-1][:, band].numpy()
-        out["iteration"] = np.arange(m) * self.config.measure_every
-        return out
-
-    def result(
-        self,
-        member: int,
-        final: Tensor,
-        iterations_run: int,
-        wall_time: float,
-        config: FitConfig,
-    ) -> FitResult:
-        """Member ``member``'s :class:`FitResult`; ``final`` is its last output (1, C, H, W)."""
-        every = self.config.measure_every
-        fired_at, best_at = (
-            int(v) for v in to_host([self.rule.fired_at[member], self.best_at[member]])
-        )
-        task, y = self.tasks[member], self.y[member : member + 1]
-
-        def host(x: Tensor) -> Tensor:
-            return task.restore(x, y).clamp(0, 1).cpu()
-
-        restored = host(final)
-        return FitResult(
-            final=restored,
-            at_stop=host(self.stop_out[member : member + 1]) if fired_at >= 0 else restored,
-            best=host(self.best_out[member : member + 1]) if best_at >= 0 else None,
-            stop_iteration=fired_at * every if fired_at >= 0 else None,
-            best_iteration=best_at * every if best_at >= 0 else None,
-            iterations_run=iterations_run,
-            curves=self.curves_numpy(member),
-            wall_time=wall_time,
-            config=config,
-        )
-
-
-class FitState:
-    """The whole state of one fit, advanced one iteration at a time by :meth:`step`."""
-
-    def __init__(
-        self,
-        observation: Tensor,
-        task: Degradation,
-        config: FitConfig,
-        clean: Tensor | None = None,
-    ):
-        self.config = config
-        self.task = task
-        self.device = resolve_device(config.device)
-        prepare_host(config, self.device)
+        self.base = common_config(configs)
+        self.configs = list(configs)
+        self.device = resolve_device(self.base.device)
         dev = self.device
-        self.y = to_device(observation, dev)
-        self.clean = None if clean is None else to_device(clean, dev)
-        shape = output_shape(task, self.y, self.clean)
-        self.model, self.z, self.noise_generator = init_fit(config, *shape, dev)
-        if config.channels_last:
-            self.model.to(memory_format=torch.channels_last)
-        self.network = torch.compile(self.model) if config.compile else self.model
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        ys = [to_device(y, dev) for y in observations]
+        for index, y in enumerate(ys):
+            if y.dim() != 4 or y.shape[0] != 1 or y.shape != ys[0].shape:
+                raise UserError(
+                    f"observation {index} has shape {tuple(y.shape)}; every member needs a "
+                    f"(1, C, H, W) observation of member 0's shape {tuple(ys[0].shape)}"
+                )
+        if len({clean is None for clean in cleans}) > 1:
+            raise UserError("give a clean image for every member or for none")
+        clean_list = [None if c is None else to_device(c, dev) for c in cleans]
+        shapes = {output_shape(t, y, c) for t, y, c in zip(tasks, ys, clean_list, strict=True)}
+        if len(shapes) > 1:
+            raise UserError(f"the members' outputs differ in size: {sorted(shapes)}")
+        shape = shapes.pop()
+        backtracks = {uses_backtracking(self.base, task) for task in tasks}
+        if len(backtracks) > 1:
+            raise UserError("the members' tasks differ in backtracking; set backtrack explicitly")
+        cfg = self.base
+        settings = NetworkSettings(cfg.input_noise, cfg.precision, cfg.channels_last, cfg.compile)
+        self.network = build_network(self.configs, settings, shape, dev)
+        self.optimizer = torch.optim.Adam(self.network.parameters(), lr=cfg.lr)
         self.backtracking = (
-            Backtracking(list(self.model.parameters()), 1, config.backtrack_drop_db)
-            if uses_backtracking(config, task)
+            Backtracking(self.network.parameters(), count, cfg.backtrack_drop_db)
+            if backtracks.pop()
             else None
         )
-        self.monitor = FitMonitor(config, [task], self.y, self.clean, shape)
-        self.last_out = torch.zeros((1, *shape), device=dev)
+        y = torch.cat(ys)
+        clean = None if clean_list[0] is None else torch.cat(clean_list)  # type: ignore[arg-type]
+        self.monitor = FitMonitor(cfg, tasks, y, clean, shape)
+        self.last_out = torch.zeros((count, *shape), device=dev)
+        self.members = list(range(count))
+        self.results: dict[int, FitResult] = {}
         self.iteration = 0
 
     @property
-    def measured(self) -> int:
-        """Number of measurements so far."""
-        return self.monitor.measured
+    def running(self) -> bool:
+        return bool(self.members)
 
     @property
-    def curves(self) -> dict[str, Tensor]:
-        """The curves on the device, (n,) each (``fbc``: (n, bands)); unmeasured rows are NaN."""
-        return {name: values[0] for name, values in self.monitor.curves.items()}
+    def done(self) -> bool:
+        return self.iteration >= self.base.iterations
 
     def step(self) -> None:
-        """One Adam step; measures the output first when this iteration is a measured one."""
-        cfg = self.config
-        self.model.train()
-        z = self.z
-        if cfg.input_noise > 0:
-            z = perturbed(z, cfg.input_noise, self.noise_generator)
-        with float32_precision(cfg.precision):
-            with autocast(cfg.precision, self.device):
-                out = self.network(z)
-            out = out.float()
-            loss = self.task.loss(out, self.y)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-        if self.iteration % cfg.measure_every == 0:
+        """One Adam step of every running member; measures first on measured iterations."""
+        out = self.network.forward()
+        losses = self.monitor.observations.losses(out)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses.sum().backward()
+        if self.iteration % self.base.measure_every == 0:
             with torch.no_grad():
-                psnr_obs = self.monitor.record(out.detach(), loss.detach().reshape(1))
+                psnr_obs = self.monitor.record(out.detach(), losses.detach())
                 if self.backtracking is not None:
-                    self.backtracking.update(list(self.model.parameters()), psnr_obs)
+                    self.backtracking.update(self.network.parameters(), psnr_obs)
         self.optimizer.step()
         self.last_out = out.detach()
         self.iteration += 1
 
-    @property
-    def done(self) -> bool:
-        return self.iteration >= self.config.iterations
+    def sync(self, callbacks: Sequence[Callback], elapsed: Callable[[], float]) -> None:
+        """Run the callbacks on every running member, then end those that are done, asked to
+        end or (``halt_at_stop``) stopped by their ratio rule; ``elapsed`` gives the wall time
+        recorded in their results."""
+        positions = range(len(self.members))
+        asked = {
+            position
+            for position in positions
+            if any([bool(callback(MemberView(self, position))) for callback in callbacks])
+        }
+        fired = self.monitor.fired() if self.base.halt_at_stop else [False] * len(self.members)
+        ending = [p for p in positions if self.done or fired[p] or p in asked]
+        if not ending:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        wall = elapsed()
+        for position in ending:
+            member = self.members[position]
+            self.results[member] = self.monitor.result(
+                position,
+                self.last_out[position : position + 1],
+                self.iteration,
+                wall,
+                self.configs[member],
+            )
+        keep = [p for p in positions if p not in ending]
+        if keep:
+            index = torch.tensor(keep, device=self.device)
+            self.optimizer = select_adam(self.optimizer, self.network.select(index), index)
+            if self.backtracking is not None:
+                self.backtracking.select(index)
+            self.last_out = self.last_out.index_select(0, index)
+            self.monitor.select(index)
+        self.members = [self.members[p] for p in keep]
 
-    @property
-    def stopped(self) -> bool:
-        """Whether the ratio rule has fired (reads the device flag: a host sync)."""
-        return self.monitor.fired()[0]
 
-    def curves_numpy(self) -> dict[str, np.ndarray]:
-        """The measured curves so far, on the host (one sync)."""
-        return self.monitor.curves_numpy(0)
+def fit_many(
+    observations: Sequence[Tensor],
+    tasks: Sequence[Degradation] | Degradation,
+    configs: Sequence[FitConfig],
+    callbacks: Sequence[Callback] = (),
+    cleans: Sequence[Tensor | None] | None = None,
+) -> list[FitResult]:
+    """Fit K ≥ 1 members at once; returns their :class:`FitResult` in the order of ``configs``.
 
-    def result(self, wall_time: float) -> FitResult:
-        return self.monitor.result(0, self.last_out, self.iteration, wall_time, self.config)
-
-
-Callback = Callable[[FitState], None]
+    Member k fits ``observations[k]`` (1, C, H, W) under ``tasks[k]`` (or one shared task) with
+    ``configs[k]``; ``cleans[k]`` is its clean image for evaluation (all or none). Configs may
+    differ only in :data:`MEMBER_SETTINGS` and the observations must share their shape, else a
+    :class:`UserError`. ``callbacks`` (:data:`Callback`) see every running member every
+    ``log_every`` iterations and at the end. For K > 1 each result equals
+    ``fit(observations[k], tasks[k], configs[k], clean=cleans[k])`` up to floating-point rounding
+    (:mod:`pipeline.networks`); its ``wall_time`` is the elapsed time when the member ended.
+    """
+    if isinstance(tasks, Degradation):
+        tasks = [tasks] * len(configs)
+    state = FitState(observations, tasks, configs, cleans)
+    start = time.perf_counter()
+    log_every = state.base.log_every
+    while state.running:
+        state.step()
+        if state.iteration % log_every == 0 or state.done:
+            state.sync(callbacks, lambda: time.perf_counter() - start)
+    return [state.results[member] for member in range(len(configs))]
 
 
 def fit(
@@ -601,20 +429,6 @@ def fit(
     callbacks: Sequence[Callback] = (),
     clean: Tensor | None = None,
 ) -> FitResult:
-    """Fit the decoder to ``observation`` under ``task``'s forward operator.
-
-    ``callbacks`` are called with the :class:`FitState` every ``config.log_every`` iterations and
-    once at the end; they may raise to abort (e.g. an Optuna pruner).
-    """
-    state = FitState(observation, task, config, clean)
-    start = time.perf_counter()
-    while not state.done:
-        state.step()
-        if state.iteration % config.log_every == 0 or state.done:
-            for callback in callbacks:
-                callback(state)
-            if config.halt_at_stop and state.stopped:
-                break
-    if state.device.type == "cuda":
-        torch.cuda.synchronize(state.device)
-    return state.result(time.perf_counter() - start)
+    """Fit the decoder to ``observation`` under ``task``'s forward operator: :func:`fit_many` of
+    one member."""
+    return fit_many([observation], [task], [config], callbacks, [clean])[0]

@@ -322,30 +322,62 @@ class LipschitzConv2d(nn.Module):
         )
 
 
+def spectral_norms(
+    weights: Sequence[Tensor],
+    bases: Sequence[Tensor],
+    rtols: Sequence[float],
+    certify: bool,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """σ̂ of free weights W̄ (…, C_out, C_in, k, k), each reshaped to (C_out, C_in·k·k) — leading
+    dimensions are independent members, e.g. K batched fits — from their warm starts ``bases``
+    (…, n, p); with ``certify``, σ ≤ σ̂ ≤ (1 + rtol)·σ is proven (module docstring).
+
+    Weights of one shape and rtol go through one batched call: the small linear algebra costs
+    about as much per call as per layer. The estimate runs in float32 or wider whatever an
+    enclosing autocast says (``eigh`` has no bfloat16 kernel, and σ̂ must be exact to 1e-4).
+    Returns ``(sigmas (…) float64, next bases)`` in the order of ``weights``.
+    """
+    groups: dict[tuple[tuple[int, ...], float], list[int]] = {}
+    for index, (weight, rtol) in enumerate(zip(weights, rtols, strict=True)):
+        groups.setdefault((tuple(weight.shape), rtol), []).append(index)
+    sigmas: list[Tensor] = [torch.empty(())] * len(weights)
+    next_bases: list[Tensor] = [torch.empty(())] * len(weights)
+    device_type = weights[0].device.type if weights else "cpu"
+    with torch.no_grad(), torch.autocast(device_type, enabled=False):
+        for (_, rtol), members in groups.items():
+            rows = torch.stack([_rows(_as_float32(weights[i]).flatten(-3)) for i in members])
+            stacked = torch.stack([bases[i] for i in members])
+            sigma, basis = top_singular_value(rows, stacked, rtol, certify)
+            for j, i in enumerate(members):
+                sigmas[i], next_bases[i] = sigma[j], basis[j]
+    return sigmas, next_bases
+
+
+def _as_float32(weight: Tensor) -> Tensor:
+    """The weight detached, in float32 unless it is wider."""
+    weight = weight.detach()
+    return weight if weight.dtype in (torch.float32, torch.float64) else weight.float()
+
+
 def sigma_estimates(layers: Sequence[LipschitzConv2d], certify: bool | None = None) -> list[Tensor]:
     """σ̂ of each controlled layer's current free weight (module docstring), as float64 scalars
     in the order of ``layers``; each layer's warm-start basis is updated.
 
-    Layers with weights of one shape are estimated in one batched call. ``certify``: True proves
-    σ ≤ σ̂ ≤ (1 + rtol)·σ now, False never, None on each layer's schedule
-    (:func:`certified_at` its count of estimates; a batch is certified when any layer is due).
+    ``certify``: True proves σ ≤ σ̂ ≤ (1 + rtol)·σ now, False never, None on the layers'
+    schedule (:func:`certified_at` of their count of estimates; certified when any layer is due).
     """
-    groups: dict[tuple[tuple[int, ...], float], list[int]] = {}
     for index, layer in enumerate(layers):
         if not layer.controlled:
             raise ValueError(f"layer {index} has lam <= 0: it has no sigma to estimate")
-        groups.setdefault((tuple(layer.weight.shape), layer.rtol), []).append(index)
-    sigmas: list[Tensor] = [torch.empty(())] * len(layers)
-    with torch.no_grad():
-        for (_, rtol), members in groups.items():
-            due = any(certified_at(layers[i].forwards) for i in members)
-            now = due if certify is None else certify
-            rows = torch.stack([_rows(layers[i].weight.detach().flatten(1)) for i in members])
-            bases = torch.stack([layers[i].basis for i in members])
-            sigma, next_bases = top_singular_value(rows, bases, rtol, now)
-            for j, i in enumerate(members):
-                layer = layers[i]
-                layer.basis.copy_(next_bases[j])
-                layer.forwards += 1
-                sigmas[i] = sigma[j]
+    if certify is None:
+        certify = any(certified_at(layer.forwards) for layer in layers)
+    sigmas, bases = spectral_norms(
+        [layer.weight for layer in layers],
+        [layer.basis for layer in layers],
+        [layer.rtol for layer in layers],
+        certify,
+    )
+    for layer, basis in zip(layers, bases, strict=True):
+        layer.basis.copy_(basis)
+        layer.forwards += 1
     return sigmas

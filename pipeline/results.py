@@ -16,17 +16,60 @@ import csv
 import io
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from torch import Tensor
 
-from pipeline.fit import FitResult
 from pipeline.imageio import save_image, write_bytes_atomic
 from pipeline.problem import Problem
 
+if TYPE_CHECKING:
+    from pipeline.fit import FitConfig
+
 CURVES_FILE = "curves.csv"
 SUMMARY_FILE = "summary.json"
+
+
+@dataclass
+class FitResult:
+    """What one fit produced. Images are restored images (1,C,H,W) on the CPU in [0,1]."""
+
+    final: Tensor
+    at_stop: Tensor
+    best: Tensor | None
+    stop_iteration: int | None
+    best_iteration: int | None
+    iterations_run: int
+    curves: dict[str, np.ndarray]
+    wall_time: float
+    config: FitConfig
+
+    def summary(self) -> dict[str, Any]:
+        """Scalars of the fit: stop, peak and final values of the curves."""
+
+        def at(name: str, iteration: int | None) -> float | None:
+            if iteration is None:
+                return None
+            index = int(np.searchsorted(self.curves["iteration"], iteration))
+            value = float(self.curves[name][index])
+            return None if np.isnan(value) else value
+
+        last = int(self.curves["iteration"][-1])
+        return {
+            "iterations_run": self.iterations_run,
+            "stop_iteration": self.stop_iteration,
+            "best_iteration": self.best_iteration,
+            "psnr_final": at("psnr", last),
+            "psnr_stop": at(
+                "psnr", self.stop_iteration if self.stop_iteration is not None else last
+            ),
+            "psnr_best": at("psnr", self.best_iteration),
+            "psnr_obs_final": at("psnr_obs", last),
+            "wall_time_s": round(self.wall_time, 3),
+        }
 
 
 def write_json(path: str | os.PathLike[str], data: Any) -> None:

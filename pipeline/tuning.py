@@ -1,7 +1,7 @@
 """Per-image tuning of λ (and optionally the learning rate and the Gaussian σ) with Optuna.
 
 The paper's README says λ "should be tuned for each input image" (method.md §2) and gives no tool;
-this module is that tool. One Optuna trial is one fit (:func:`pipeline.fit.fit`) with suggested
+this module is that tool. One Optuna trial is one fit (:func:`pipeline.fit.fit_many`) with suggested
 settings, ended by the ratio rule (method.md §5; the budget when it never fires) and scored there
 by one of two objectives:
 
@@ -45,8 +45,9 @@ from torch import Tensor
 
 from pipeline.degradations import Degradation
 from pipeline.errors import UserError
-from pipeline.fit import FitConfig, FitResult, FitState, fit
+from pipeline.fit import FitConfig, MemberView, fit_many
 from pipeline.problem import Problem
+from pipeline.results import FitResult
 from pipeline.tracking import repo_root
 
 OBJECTIVES = ("oracle", "holdout")
@@ -311,33 +312,49 @@ class Objective:
         )
         return values if inside else None
 
-    def current(self, state: FitState) -> float:
+    def current(self, view: MemberView) -> float:
         """The objective at the last measured iteration, for pruning."""
         if self.holdout is not None:
-            return self.holdout.holdout_psnr(state.last_out)
-        return float(state.curves["psnr"][state.measured - 1])
+            return self.holdout.holdout_psnr(view.last_out)
+        return float(view.curves["psnr"][view.measured - 1])
 
-    def __call__(self, trial: optuna.Trial) -> float:
-        values = suggest(trial, self.config)
-        overrides = as_fit_settings(values, self.base.model.depth)
-        config = FitConfig.from_dict({**self.settings, **overrides})
-        latest: dict[str, FitState] = {}
+    def run_round(self, asked: list[optuna.Trial], study: optuna.Study, told: set[int]) -> None:
+        """Fit the ``asked`` trials together (one engine pass, :func:`pipeline.fit.fit_many`) and
+        tell the study each outcome; the numbers of the trials told are added to ``told``. A trial
+        that its pruner ends leaves the pass while the others go on."""
+        values = [suggest(trial, self.config) for trial in asked]
+        depth = self.base.model.depth
+        configs = [
+            FitConfig.from_dict({**self.settings, **as_fit_settings(v, depth)}) for v in values
+        ]
+        pruned_at: dict[int, int] = {}
 
-        def report(state: FitState) -> None:
-            latest["state"] = state
-            trial.report(self.current(state), state.iteration)
+        def report(view: MemberView) -> bool:
+            trial = asked[view.member]
+            trial.report(self.current(view), view.iteration)
             # Once the rule has fired the fit ends at this sync with its real score.
-            if self.config.prune and not state.stopped and trial.should_prune():
-                raise optuna.TrialPruned(f"pruned at iteration {state.iteration}")
+            if self.config.prune and not view.stopped and trial.should_prune():
+                pruned_at[view.member] = view.iteration
+                return True
+            return False
 
-        try:
-            result = fit(self.observation, self.task, config, [report], clean=self.problem.clean)
-        except optuna.TrialPruned:
-            state = latest["state"]
-            trial.set_user_attr("pruned_at", state.iteration)
-            self._emit(trial, values, config, state.curves_numpy(), {"pruned_at": state.iteration})
-            raise
-        return self.score(trial, values, config, result)
+        results = fit_many(
+            [self.observation] * len(asked),
+            self.task,
+            configs,
+            [report],
+            cleans=[self.problem.clean] * len(asked),
+        )
+        for member, trial in enumerate(asked):
+            config, result = configs[member], results[member]
+            if member in pruned_at:
+                trial.set_user_attr("pruned_at", pruned_at[member])
+                attrs = {"pruned_at": pruned_at[member]}
+                self._emit(trial, values[member], config, result.curves, attrs)
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            else:
+                study.tell(trial, self.score(trial, values[member], config, result))
+            told.add(trial.number)
 
     def score(
         self,
@@ -490,14 +507,28 @@ def redact(url: str) -> str:
     return f"{scheme}://{user}:***@{host}" if ":" in credentials else url
 
 
-def run_trials(study: optuna.Study, objective: Objective, trials: int) -> None:
-    """Run ``trials`` more trials of ``study`` in this process (first the baseline, when asked
-    for and not run yet)."""
+def run_trials(study: optuna.Study, objective: Objective, trials: int, batch: int = 1) -> None:
+    """Run ``trials`` more trials of ``study`` in this process, ``batch`` at a time: asked
+    together, fitted in one engine pass and told one by one (first the baseline, when asked for
+    and not run yet). The sampler proposes a round's trials before it has seen their scores, so a
+    batched study draws other values than a sequential one; the members of a pass share the
+    learning rate, so ``lr`` cannot be searched with ``batch`` > 1."""
+    if batch > 1 and "lr" in objective.config.search:
+        raise UserError("batched trials share the learning rate: search lam or gauss_sigma only")
     if objective.config.baseline:
         fixed = objective.baseline()
         if fixed is not None:
             study.enqueue_trial(fixed, user_attrs={BASELINE_ATTR: True}, skip_if_exists=True)
-    study.optimize(objective, n_trials=trials)
+    for first in range(0, trials, batch):
+        asked = [study.ask() for _ in range(min(batch, trials - first))]
+        told: set[int] = set()
+        try:
+            objective.run_round(asked, study, told)
+        finally:
+            # A round that raised leaves its untold trials failed, not running forever.
+            for trial in asked:
+                if trial.number not in told:
+                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
 
 
 def best_values(study: optuna.Study, depth: int) -> dict[str, Any]:

@@ -9,9 +9,11 @@ from typing import Any
 import click
 from tqdm import tqdm
 
-from pipeline.fit import TASK_DEFAULTS, FitConfig, FitState, fit
+from pipeline.degradations import TASKS
+from pipeline.fit import FitConfig, MemberView, fit, resolve_device
 from pipeline.problem import observed, simulate
 from pipeline.results import write_result
+from pipeline.runtime import configure
 
 TASK_OPTIONS = {"sigma": "denoising", "quality": "deblocking", "p": "inpainting", "factor": "sr"}
 
@@ -20,9 +22,9 @@ def progress_callback(total: int) -> tuple[tqdm, Any]:
     """A tqdm bar advanced at every sync of the fit (shown only on a terminal)."""
     bar = tqdm(total=total, unit="it", disable=not sys.stderr.isatty(), leave=False)
 
-    def update(state: FitState) -> None:
-        bar.update(state.iteration - bar.n)
-        values = state.curves_numpy()
+    def update(view: MemberView) -> None:
+        bar.update(view.iteration - bar.n)
+        values = view.curves_numpy()
         if len(values["psnr_obs"]):
             bar.set_postfix(psnr_obs=f"{values['psnr_obs'][-1]:.2f}")
 
@@ -53,7 +55,7 @@ def csv_floats(text: str | None) -> tuple[float, ...] | None:
 
 
 @click.command("fit")
-@click.argument("task", type=click.Choice(sorted(TASK_DEFAULTS)))
+@click.argument("task", type=click.Choice(sorted(TASKS)))
 @click.argument("image", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--out-dir", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option(
@@ -101,10 +103,11 @@ def fit_command(
     task_params = pop_task_options(task, options)
     make = observed if is_observed else simulate
     problem = make(task, image, task_params, mask, None if channels is None else int(channels))
-    settings = {**TASK_DEFAULTS[task], **{k: v for k, v in options.items() if v is not None}}
+    settings = {**TASKS[task].defaults, **{k: v for k, v in options.items() if v is not None}}
     if gauss_sigma is not None:
         settings["gauss_sigma"] = csv_floats(gauss_sigma)
     config = FitConfig.from_dict(settings)
+    configure(config.threads, config.precision, resolve_device(config.device))
     bar, update = progress_callback(config.iterations)
     with bar:
         result = fit(problem.observation, problem.task, config, [update], clean=problem.clean)

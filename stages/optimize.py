@@ -14,11 +14,12 @@ from typing import Any
 import click
 import yaml
 
-from pipeline.fit import FitConfig, FitResult, fit
+from pipeline.fit import FitConfig, fit, resolve_device
 from pipeline.layout import prepared_dir, run_dir
 from pipeline.observations import read_observation
 from pipeline.problem import Problem
-from pipeline.results import write_result
+from pipeline.results import FitResult, write_result
+from pipeline.runtime import configure
 from pipeline.settings import fit_settings, load_params, parse_variant, variant_name
 from pipeline.tracking import git_commit, log_fit_run, stage_run
 from stages.fit import progress_callback
@@ -128,6 +129,7 @@ def optimize_command(
     problem, meta = read_observation(prepared_dir(task, variant, image))
     settings = fit_settings(params, task, method, image, variant, _overrides(overrides))
     config = FitConfig.from_dict(settings)
+    configure(config.threads, config.precision, resolve_device(config.device))
     out = out_dir or run_dir(task, variant, image, method)
     bar, update = progress_callback(config.iterations)
     with bar:

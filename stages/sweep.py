@@ -4,7 +4,7 @@ Reads ``sweeps`` (task, variant, image, iterations, the swept values, ``batch``)
 settings of the swept method (``lipschitz`` for λ, ``gaussian`` for σ) from params.yaml, fits the
 image once per value and writes ``runs/sweeps/<kind>/<value>/`` (:mod:`pipeline.results`). The
 members differ only in the swept setting, so ``batch`` of them at a time advance in one batched
-network pass (:func:`pipeline.batched.fit_batched`); ``batch: 1`` fits them one after the other.
+network pass (:func:`pipeline.fit.fit_many`); ``batch: 1`` fits them one after the other.
 The invocation is an MLflow parent run with one child run per value.
 """
 
@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import click
 
-from pipeline.batched import fit_batched
 from pipeline.errors import UserError
-from pipeline.fit import FitConfig, fit
+from pipeline.fit import FitConfig, fit_many, resolve_device
 from pipeline.layout import prepared_dir, sweep_dir
 from pipeline.observations import read_observation
+from pipeline.runtime import configure
 from pipeline.settings import fit_settings, load_params, parse_variant, section, variant_name
 from pipeline.tracking import stage_run
 from stages.optimize import FitRecord
@@ -48,22 +48,21 @@ def sweep_command(kind: str, params_file: str, dvc_stage: str, track: bool) -> N
     variant = variant_name(task, parse_variant(task, None if named is None else str(named)))
     problem, meta = read_observation(prepared_dir(task, variant, image))
     base = fit_settings(params, task, method, image, variant, {"iterations": sweeps["iterations"]})
-    depth = FitConfig.from_dict(base).model.depth
+    shared = FitConfig.from_dict(base)
+    depth = shared.model.depth
     configs = [
         FitConfig.from_dict({**base, **member_overrides(kind, value, depth)}) for value in values
     ]
+    configure(shared.threads, shared.precision, resolve_device(shared.device))
     results = []
     for start in range(0, len(configs), batch):
         group = configs[start : start + batch]
-        if len(group) == 1:
-            results.append(fit(problem.observation, problem.task, group[0], clean=problem.clean))
-        else:
-            results += fit_batched(
-                [problem.observation] * len(group),
-                problem.task,
-                group,
-                cleans=[problem.clean] * len(group),
-            )
+        results += fit_many(
+            [problem.observation] * len(group),
+            problem.task,
+            group,
+            cleans=[problem.clean] * len(group),
+        )
     record = FitRecord(task, variant, image, method, meta, params.get("profile", "custom"))
     outs = [sweep_dir(kind, value) for value in values]
     summaries = [

@@ -10,8 +10,9 @@ IMAGE is either
   options, and params.yaml's ``tune`` section gives the tuning defaults.
 
 ``--batch K`` (params.yaml ``tune.batch``; 1 by default) fits K trials at once in one batched
-network pass (:func:`run_trials_batched`). On 2 CPU cores at the CPU profile's size (64², width
-32) four members ran 2.0× the iterations per second of four single fits, at width 128 only 1.1×
+network pass (:func:`pipeline.tuning.run_trials`). On 2 CPU cores at the CPU profile's size (64²,
+width 32) four members ran 2.0× the iterations per second of four single fits, at width 128
+only 1.1×
 (compute-bound; ``bench/results.json``).
 
 A file path wins when both exist. Every invocation runs ``--trials`` more trials of the study
@@ -31,16 +32,16 @@ from typing import TYPE_CHECKING, Any
 
 import click
 import optuna
-from optuna.trial import TrialState
 
-from pipeline.batched import MemberView, fit_batched
+from pipeline.degradations import TASKS
 from pipeline.errors import UserError
-from pipeline.fit import TASK_DEFAULTS, FitConfig
+from pipeline.fit import resolve_device
 from pipeline.imageio import write_bytes_atomic
 from pipeline.layout import TUNED_VALUES, prepared_dir, tuned_dir
 from pipeline.observations import read_observation
 from pipeline.problem import Problem, observed, simulate
 from pipeline.results import write_json
+from pipeline.runtime import configure
 from pipeline.settings import (
     TASK_VARIANTS,
     fit_settings,
@@ -57,14 +58,12 @@ from pipeline.tuning import (
     Objective,
     TrialOutcome,
     TuneConfig,
-    as_fit_settings,
     best_values,
     open_study,
     redact,
     resolve_storage,
     run_trials,
     study_report,
-    suggest,
 )
 from stages.fit import csv_floats, pop_task_options
 from stages.optimize import _overrides
@@ -276,69 +275,6 @@ def write_outputs(
     return report
 
 
-def _batched_round(
-    objective: Objective, asked: list[optuna.Trial], study: optuna.Study, told: set[int]
-) -> None:
-    """Fit the ``asked`` trials in one batched pass and tell the study each outcome; the
-    numbers of the trials told are added to ``told``."""
-    values = [suggest(trial, objective.config) for trial in asked]
-    depth = objective.base.model.depth
-    configs = [
-        FitConfig.from_dict({**objective.settings, **as_fit_settings(v, depth)}) for v in values
-    ]
-    pruned_at: dict[int, int] = {}
-
-    def report(view: MemberView) -> bool:
-        trial = asked[view.member]
-        trial.report(objective.current(view), view.iteration)  # type: ignore[arg-type]
-        if objective.config.prune and not view.stopped and trial.should_prune():
-            pruned_at[view.member] = view.iteration
-            return True
-        return False
-
-    results = fit_batched(
-        [objective.observation] * len(asked),
-        objective.task,
-        configs,
-        [report],
-        cleans=[objective.problem.clean] * len(asked),
-    )
-    for member, trial in enumerate(asked):
-        config, result = configs[member], results[member]
-        if member in pruned_at:
-            trial.set_user_attr("pruned_at", pruned_at[member])
-            attrs = {"pruned_at": pruned_at[member]}
-            objective._emit(trial, values[member], config, result.curves, attrs)
-            study.tell(trial, state=TrialState.PRUNED)
-        else:
-            study.tell(trial, objective.score(trial, values[member], config, result))
-        told.add(trial.number)
-
-
-def run_trials_batched(study: optuna.Study, objective: Objective, trials: int, batch: int) -> None:
-    """:func:`~pipeline.tuning.run_trials`, ``batch`` trials at a time: asked together, fitted in
-    one batched pass (:func:`pipeline.batched.fit_batched`) and told one by one. A trial that its
-    pruner ends leaves the batch while the others go on. The sampler proposes a round's trials
-    before it has seen their scores, so a batched study draws other values than a sequential
-    one; the members of a batch share the learning rate, so ``lr`` cannot be searched."""
-    if "lr" in objective.config.search:
-        raise UserError("batched trials share the learning rate: search lam or gauss_sigma only")
-    if objective.config.baseline:
-        fixed = objective.baseline()
-        if fixed is not None:
-            study.enqueue_trial(fixed, user_attrs={BASELINE_ATTR: True}, skip_if_exists=True)
-    for first in range(0, trials, batch):
-        asked = [study.ask() for _ in range(min(batch, trials - first))]
-        told: set[int] = set()
-        try:
-            _batched_round(objective, asked, study, told)
-        finally:
-            # A round that raised leaves its untold trials failed, not running forever.
-            for trial in asked:
-                if trial.number not in told:
-                    study.tell(trial, state=TrialState.FAIL)
-
-
 def _trial_line(outcome: TrialOutcome) -> str:
     values = ", ".join(f"{k}={v:.4g}" for k, v in outcome.values.items())
     if outcome.pruned:
@@ -349,7 +285,7 @@ def _trial_line(outcome: TrialOutcome) -> str:
 
 
 @click.command("tune")
-@click.argument("task", type=click.Choice(sorted(TASK_DEFAULTS)))
+@click.argument("task", type=click.Choice(sorted(TASKS)))
 @click.argument("image")
 @click.option("--trials", type=int, help="Trials to run in this process (default 20).")
 @click.option("--batch", type=int, help="Trials fitted together in one batched pass (1).")
@@ -437,7 +373,7 @@ def tune_command(
             task, path, is_observed, task_params, mask, None if channels is None else int(channels)
         )
         name = path.stem
-        settings = {**TASK_DEFAULTS[task], **fit_values}
+        settings = {**TASKS[task].defaults, **fit_values}
         config = TuneConfig.from_dict(tune_values)
     else:
         if task_params or mask is not None or is_observed or channels is not None:
@@ -480,6 +416,8 @@ def tune_command(
         "fit": objective_settings,
     }
     objective = Objective(problem, settings, config)
+    base = objective.base
+    configure(base.threads, base.precision, resolve_device(base.device))
     store = resolve_storage(storage)
     study, created = open_study(study_id, store, config, objective.base.iterations, fingerprint)
     where = redact(storage) if storage else str(store)
@@ -524,10 +462,7 @@ def tune_command(
     }
     status = "FAILED"
     try:
-        if batch > 1:
-            run_trials_batched(study, objective, config.trials, batch)
-        else:
-            run_trials(study, objective, config.trials)
+        run_trials(study, objective, config.trials, batch)
         report = write_outputs(out, study, config, objective.base.model.depth, info)
         status = "FINISHED"
     finally:

@@ -1,7 +1,7 @@
-"""Batched fits: each member is the single fit it stands for, up to rounding (pipeline.batched).
+"""Batched fits: each member is the single fit it stands for, up to rounding (pipeline.networks).
 
 These fits are chaotic in float32: a one-ulp change of one weight grows about tenfold every few
-Adam steps (bench/run.py and the module docstring of pipeline.batched), so a batched member and
+Adam steps (bench/run.py and the module docstring of pipeline.networks), so a batched member and
 its single fit — which round differently in the grouped convolutions — can only be compared over
 a short horizon. The members below (width 8, lr 1e-3, 12 iterations) stay within 1e-5 of their
 single fits; the tolerances leave a margin of 10× and are far below what a wrong λ, σ, seed or
@@ -16,10 +16,9 @@ import pytest
 import torch
 from skimage import data
 
-from pipeline.batched import MemberView, fit_batched
 from pipeline.degradations import Denoising, Inpainting
 from pipeline.errors import UserError
-from pipeline.fit import FitConfig, FitResult, fit
+from pipeline.fit import FitConfig, FitResult, MemberView, fit, fit_many
 from pipeline.problem import Problem
 from pipeline.tuning import (
     Objective,
@@ -27,9 +26,9 @@ from pipeline.tuning import (
     TuneConfig,
     open_study,
     resolve_storage,
+    run_trials,
     study_report,
 )
-from stages.tune import run_trials_batched
 
 IMAGE_ATOL = 1e-4
 CURVE_RTOL = 1e-4
@@ -102,7 +101,7 @@ def assert_same_fit(solo: FitResult, member: FitResult) -> None:
 def test_each_member_equals_its_single_fit(problems):
     task, ys, cleans = problems
     configs = member_configs()
-    batch = fit_batched(ys, task, configs, cleans=cleans)
+    batch = fit_many(ys, task, configs, cleans=cleans)
     for y, clean, cfg, member in zip(ys, cleans, configs, batch, strict=True):
         assert_same_fit(fit(y, task, cfg, clean=clean), member)
     assert batch[0].stop_iteration == 5 * 1 and batch[0].config == configs[0]
@@ -126,7 +125,7 @@ def test_ended_members_stop_changing_while_the_others_go_on(problems):
         assert len(view.curves_numpy()["loss"]) == view.measured == view.iteration
         return view.member == 0 and view.iteration == 4
 
-    batch = fit_batched(ys, task, configs, [end_first_at_4], cleans=cleans)
+    batch = fit_many(ys, task, configs, [end_first_at_4], cleans=cleans)
     # Member 0 was ended by its callback at 4; the rule fired at 5 for the others, which halt at
     # the next sync (6). Member 0 is no longer called after it ended.
     assert [r.iterations_run for r in batch] == [4, 6, 6]
@@ -148,7 +147,7 @@ def test_gaussian_sigma_and_inpainting_mask_per_member():
         config(iterations=8, upsample="gaussian", gauss_sigma=[sigma] * 5, lam=2.0)
         for sigma in (0.1, 1.5)
     ]
-    batch = fit_batched(ys, tasks, configs, cleans=[x, x])
+    batch = fit_many(ys, tasks, configs, cleans=[x, x])
     for y, task, cfg, member in zip(ys, tasks, configs, batch, strict=True):
         assert_same_fit(fit(y, task, cfg, clean=x), member)
     assert (batch[0].final - batch[1].final).abs().max() > 10 * IMAGE_ATOL
@@ -175,7 +174,7 @@ def test_mismatched_members_are_user_errors(problems, change, message):
     else:
         configs[1] = changed(configs[1], **change)
     with pytest.raises(UserError, match=message):
-        fit_batched(ys, task, configs, cleans=cleans_given)
+        fit_many(ys, task, configs, cleans=cleans_given)
 
 
 def test_stacked_adam_is_one_adam_per_member():
@@ -204,7 +203,7 @@ def test_speed_options_give_close_results(problems, option, atol):
     configs = member_configs(iterations=6)[:2]
     fast = [changed(cfg, **option) for cfg in configs]
     single, single_fast = (fit(ys[0], task, c, clean=cleans[0]) for c in (configs[0], fast[0]))
-    batch, batch_fast = (fit_batched(ys[:2], task, c, cleans=cleans[:2]) for c in (configs, fast))
+    batch, batch_fast = (fit_many(ys[:2], task, c, cleans=cleans[:2]) for c in (configs, fast))
     torch.testing.assert_close(single_fast.final, single.final, atol=atol, rtol=0)
     for plain, quick in zip(batch, batch_fast, strict=True):
         torch.testing.assert_close(quick.final, plain.final, atol=atol, rtol=0)
@@ -223,8 +222,8 @@ def test_compile_gives_close_results(problems):
     task, ys, cleans = problems
     configs = member_configs(iterations=6)[:2]
     compiled = [changed(cfg, compile=True) for cfg in configs]
-    plain = fit_batched(ys[:2], task, configs, cleans=cleans[:2])
-    fast = fit_batched(ys[:2], task, compiled, cleans=cleans[:2])
+    plain = fit_many(ys[:2], task, configs, cleans=cleans[:2])
+    fast = fit_many(ys[:2], task, compiled, cleans=cleans[:2])
     for a, b in zip(plain, fast, strict=True):
         torch.testing.assert_close(b.final, a.final, atol=1e-3, rtol=0)
 
@@ -249,7 +248,7 @@ def test_batched_trials_complete_and_record_their_scores(denoising_problem):
     outcomes: list[TrialOutcome] = []
     objective = Objective(denoising_problem, TUNE_FIT, config, on_trial=outcomes.append)
     study = tune_study(config)
-    run_trials_batched(study, objective, trials=5, batch=2)
+    run_trials(study, objective, trials=5, batch=2)
     report = study_report(study)
     assert (report["trials"], report["complete"]) == (5, 5)
     assert report["baseline"]["trial"] == 0 and report["baseline"]["params"] == {"lam": 1.4}
@@ -274,7 +273,7 @@ def test_batched_trials_are_pruned_one_by_one(denoising_problem):
     study = tune_study(config)
     for lam in (1.4, 0.02, 0.02, 1.4):  # λ ≈ 0 flattens the output: hopeless
         study.enqueue_trial({"lam": lam})
-    run_trials_batched(study, objective, trials=4, batch=2)
+    run_trials(study, objective, trials=4, batch=2)
     states = [t.state for t in study.trials]
     complete, pruned = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED
     # The first round has no finished trial to compare with, so both complete; in the second
@@ -289,4 +288,4 @@ def test_batched_trials_cannot_search_the_learning_rate(denoising_problem):
     config = TuneConfig.from_dict({"objective": "oracle", "search": ["lam", "lr"]})
     objective = Objective(denoising_problem, TUNE_FIT, config)
     with pytest.raises(UserError, match="learning rate"):
-        run_trials_batched(tune_study(config), objective, trials=2, batch=2)
+        run_trials(tune_study(config), objective, trials=2, batch=2)

@@ -78,11 +78,11 @@ def test_stop_output_is_the_output_at_the_stop_iteration(astronaut_64):
     config = tiny(iterations=80, ratio_window=3, ratio_eps=1e9)  # fires as soon as allowed
     result = fit(y, task, config, clean=astronaut_64)
     assert result.stop_iteration == 7  # first i > 2n
-    replay = FitState(y, task, config, clean=astronaut_64)
+    replay = FitState([y], [task], [config], [astronaut_64])
     for _ in range(result.stop_iteration):
         replay.step()
     with torch.no_grad():
-        expected = replay.model(replay.z).clamp(0, 1)
+        expected = replay.network.model(replay.network.z).clamp(0, 1)
     assert torch.allclose(result.at_stop, expected, atol=1e-6)
 
 
@@ -99,10 +99,10 @@ def test_lipschitz_bound_holds_during_a_fit(astronaut_64):
 
     task = Denoising(sigma=25)
     y = task.observe(astronaut_64)
-    state = FitState(y, task, tiny(lam=0.7))
+    state = FitState([y], [task], [tiny(lam=0.7)])
     for _ in range(10):
         state.step()
-        for layer in state.model.modules():
+        for layer in state.network.model.modules():
             if isinstance(layer, LipschitzConv2d):
                 w = layer.effective_weight().detach().flatten(1).double()
                 assert torch.linalg.matrix_norm(w, 2) <= 0.7 + 1e-5
@@ -122,19 +122,31 @@ def test_inpainting_and_sr_fit_shapes():
 def test_backtracking_restores_parameters_after_a_collapse(astronaut_64):
     task = Denoising(sigma=25)
     y = task.observe(astronaut_64)
-    state = FitState(y, task, tiny(backtrack=True))
+    state = FitState([y], [task], [tiny(backtrack=True)])
+    model = state.network.model
     for _ in range(3):
         state.step()
-    saved = [p.clone() for p in state.model.parameters()]
+    saved = [p.clone() for p in model.parameters()]
     with torch.no_grad():
-        state.model.tail.bias.fill_(-30.0)  # output collapses to 0: PSNR vs y falls far
+        model.tail.bias.fill_(-30.0)  # output collapses to 0: PSNR vs y falls far
     state.step()
-    for before, after in zip(saved, state.model.parameters(), strict=True):
+    for before, after in zip(saved, model.parameters(), strict=True):
         assert torch.allclose(before, after, atol=0.05)
 
 
 @pytest.mark.parametrize(
-    "bad", [{"iterations": 0}, {"lr": -1.0}, {"psnr_protocol": "lab"}, {"nonsense": 1}]
+    "bad",
+    [
+        {"iterations": 0},
+        {"iterations": 2.5},
+        {"lr": -1.0},
+        {"lr": float("inf")},
+        {"lr": float("nan")},
+        {"input_noise": float("inf")},
+        {"ratio_eps": float("nan")},
+        {"psnr_protocol": "lab"},
+        {"nonsense": 1},
+    ],
 )
 def test_bad_fit_settings_are_user_errors(bad):
     with pytest.raises(UserError):
