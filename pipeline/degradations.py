@@ -1,4 +1,4 @@
-"""Forward operators of the five tasks behind one interface (experiments spec, "Tasks" table).
+"""Forward operators of the tasks behind one interface (experiments spec, "Tasks" table).
 
 Each task turns the clean image ``x`` into a frozen observation ``y = A(x)`` (:meth:`observe`) and
 fits the network output ``out`` by ``MSE(A'(out)·m, y·m)`` (:meth:`loss`, method spec §6), where
@@ -6,13 +6,17 @@ fits the network output ``out`` by ``MSE(A'(out)·m, y·m)`` (:meth:`loss`, meth
 Lanczos2 downsampler rather than PIL's resize) and ``m`` the inpainting mask (:meth:`loss_mask`).
 The restored image is :meth:`restore` applied to the output (only enhancement differs from the
 output itself). Images are ``(1, C, H, W)`` tensors in [0, 1]; the network's output channels
-follow the image (:meth:`out_channels`).
+follow the image. Each task also declares what the pipeline needs to know about it (its variant,
+backtracking, default fit settings, options, metadata round trip): see :class:`Degradation`.
 """
+
+from __future__ import annotations
 
 import inspect
 import math
 from abc import ABC, abstractmethod
 from io import BytesIO
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -21,7 +25,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.errors import UserError
-from pipeline.imageio import to_uint8
+from pipeline.imageio import load_image, save_image, to_uint8
+
+MASK_FILE = "mask.png"
 
 
 def _cpu_generator(seed: int) -> torch.Generator:
@@ -53,18 +59,72 @@ def _size(t: torch.Tensor) -> str:
 
 
 class Degradation(ABC):
-    """A task: observation ``y = A(x)``, fitting loss, output size and restored image."""
+    """A task: observation ``y = A(x)``, fitting loss, output size and restored image — and what
+    the pipeline needs to know about it, declared here and nowhere else.
+
+    A subclass that sets :attr:`name` registers itself in :data:`TASKS`, so a new task is one
+    class: the CLI, the prepare and optimize stages and the tuner find everything below. Its
+    constructor's parameters are its degradation parameters, each stored under its own name
+    (:meth:`params` reads them back for the prepared observation's metadata).
+    """
 
     name: ClassVar[str]
+    variant: ClassVar[str | None] = None
+    """The parameter the pipeline prepares one observation per value of (σ, JPEG quality, SR
+    factor), e.g. ``sigma``; None for tasks with one observation per image."""
+    variant_list: ClassVar[str | None] = None
+    """The key of params.yaml's ``tasks.<task>.observe`` listing the variant's values."""
     backtracks: ClassVar[bool] = False
     """Whether fits of this task use DIP's backtracking by default (method.md §5)."""
-    defaults: ClassVar[dict[str, Any]] = {"lam": 1.4}
+    defaults: ClassVar[dict[str, Any]] = {"lam": 1.4, "lam_gaussian": 1.8}
     """The task's fit settings in the reference scripts (method.md §2, experiments.md "Tasks"):
-    they override :class:`pipeline.fit.FitConfig`'s defaults, and profiles override both."""
+    they override :class:`pipeline.fit.FitConfig`'s defaults, and profiles override both.
+    ``lam_gaussian`` is the λ for Gaussian upsampling (the reference README's advice)."""
+    options: ClassVar[dict[str, str]] = {}
+    """Degradation parameters offered as command-line options (``--<name>``), with their help."""
+    takes_mask: ClassVar[bool] = False
+    """Whether the task takes a mask file (``--mask``, ``tasks.<task>.observe.masks``)."""
+    holds_out: ClassVar[bool] = True
+    """Whether observed pixels can be held out of the fit to score it without ground truth."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            TASKS[cls.name] = cls
+
+    @classmethod
+    def parameters(cls) -> list[str]:
+        """The names of the constructor's parameters (the degradation parameters)."""
+        return list(inspect.signature(cls).parameters)
+
+    def params(self) -> dict[str, Any]:
+        """The degradation parameters as JSON values (a prepared observation's metadata); files
+        (the inpainting mask) are written by :meth:`save` instead."""
+        return {name: getattr(self, name) for name in self.parameters() if name not in self.files}
+
+    files: ClassVar[tuple[str, ...]] = ()
+    """Parameters stored as files beside the observation, not in its metadata."""
+
+    def save(self, folder: Path) -> None:
+        """Write the parameters in :attr:`files` into ``folder`` (nothing by default)."""
+        return None
+
+    @classmethod
+    def load(cls, params: dict[str, Any], folder: Path) -> Degradation:
+        """Rebuild the degradation from :meth:`params` and the files :meth:`save` wrote."""
+        return cls(**params)
 
     @abstractmethod
     def observe(self, x: torch.Tensor) -> torch.Tensor:
         """The observation ``y`` of the clean image ``x`` (deterministic given the parameters)."""
+
+    def observation_of_photo(self, photo: torch.Tensor) -> torch.Tensor:
+        """A user's degraded photo as this task's observation: the photo itself by default."""
+        return photo
+
+    def photo_multiple(self, output_multiple: int) -> int:
+        """The multiple a photo's size must have for the output's to be ``output_multiple``."""
+        return output_multiple
 
     def forward(self, out: torch.Tensor) -> torch.Tensor:
         """``A'(out)``, what the loss compares with ``y``; the identity unless overridden."""
@@ -86,13 +146,13 @@ class Degradation(ABC):
         """The network output size ``(H, W)`` given ``y``: ``y``'s size unless overridden."""
         return y.shape[-2], y.shape[-1]
 
-    def out_channels(self, y: torch.Tensor) -> int:
-        """The network output channels: those of the image (experiments spec, "out ch")."""
-        return y.shape[-3]
-
     def restore(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The restored image from the network output; the output itself unless overridden."""
         return out
+
+
+TASKS: dict[str, type[Degradation]] = {}
+"""Task name → degradation class; every subclass with a ``name`` registers itself."""
 
 
 class Denoising(Degradation):
@@ -103,7 +163,10 @@ class Denoising(Degradation):
     """
 
     name = "denoising"
+    variant = "sigma"
+    variant_list = "sigmas"
     backtracks = True
+    options: ClassVar[dict[str, str]] = {"sigma": "Noise level on the 0–255 scale (default 25)."}
 
     def __init__(self, sigma: float = 25, seed: int = 0) -> None:
         self.sigma = _check_number("sigma", sigma)
@@ -126,7 +189,10 @@ class JpegDeblocking(Degradation):
     """
 
     name = "deblocking"
+    variant = "quality"
+    variant_list = "qualities"
     backtracks = True
+    options: ClassVar[dict[str, str]] = {"quality": "JPEG quality (default 10)."}
 
     def __init__(self, quality: int = 10) -> None:
         self.quality = _check_int("quality", quality)
@@ -154,7 +220,10 @@ class Inpainting(Degradation):
     """
 
     name = "inpainting"
-    defaults: ClassVar[dict[str, Any]] = {"lam": 1.6}
+    defaults: ClassVar[dict[str, Any]] = {"lam": 1.6, "lam_gaussian": 1.8}
+    options: ClassVar[dict[str, str]] = {"p": "Kept fraction of a Bernoulli mask (default 0.5)."}
+    takes_mask = True
+    files = ("mask",)
 
     def __init__(self, mask: torch.Tensor | None = None, p: float = 0.5, seed: int = 0) -> None:
         self.p = _check_number("p", p)
@@ -196,6 +265,19 @@ class Inpainting(Degradation):
 
     def loss_mask(self, y: torch.Tensor) -> torch.Tensor:
         return self.mask.to(device=y.device, dtype=y.dtype)
+
+    def observation_of_photo(self, photo: torch.Tensor) -> torch.Tensor:
+        """A photo with holes: its mask must be given; the holes are zeroed as in ``y = x·m``."""
+        if self._given is None:
+            raise UserError("inpainting a real photo needs its mask (--mask)")
+        return self.observe(photo)
+
+    def save(self, folder: Path) -> None:
+        save_image(folder / MASK_FILE, self.mask)
+
+    @classmethod
+    def load(cls, params: dict[str, Any], folder: Path) -> Inpainting:
+        return cls(mask=(load_image(folder / MASK_FILE) > 0.5).float(), **params)
 
 
 def lanczos2_kernel(factor: int, phase: float = 0.5) -> torch.Tensor:
@@ -242,8 +324,17 @@ class SuperResolution(Degradation):
     """
 
     name = "sr"
-    # λ for super-resolution is not published (tune it); the budget is DIP's 2,000 for ×4.
-    defaults: ClassVar[dict[str, Any]] = {"lam": 1.4, "iterations": 2000}
+    variant = "factor"
+    variant_list = "factors"
+    # λ for super-resolution is not published (tune it); the budget is DIP's 2,000 for ×4, and
+    # PSNR is read as DIP's SR script reads it (experiments.md, "Protocols").
+    defaults: ClassVar[dict[str, Any]] = {
+        "lam": 1.4,
+        "lam_gaussian": 1.8,
+        "iterations": 2000,
+        "psnr_protocol": "y",
+    }
+    options: ClassVar[dict[str, str]] = {"factor": "Super-resolution factor (default 4)."}
 
     def __init__(self, factor: int = 4, phase: float = 0.5) -> None:
         self.factor = _check_int("factor", factor)
@@ -278,6 +369,14 @@ class SuperResolution(Degradation):
     def output_shape(self, y: torch.Tensor) -> tuple[int, int]:
         return y.shape[-2] * self.factor, y.shape[-1] * self.factor
 
+    def photo_multiple(self, output_multiple: int) -> int:
+        """A low-resolution photo is cropped to multiples of ``output_multiple / factor``."""
+        if output_multiple % self.factor:
+            raise UserError(
+                f"super-resolution factor must divide {output_multiple}, got {self.factor}"
+            )
+        return output_multiple // self.factor
+
 
 class Enhancement(Degradation):
     """Detail enhancement: ``y = x``; the fit to ``x`` for a few iterations gives a smooth base.
@@ -289,7 +388,8 @@ class Enhancement(Degradation):
     """
 
     name = "enhancement"
-    defaults: ClassVar[dict[str, Any]] = {"lam": 1.0, "iterations": 100}
+    defaults: ClassVar[dict[str, Any]] = {"lam": 1.0, "lam_gaussian": 1.0, "iterations": 100}
+    holds_out = False  # it fits the clean image itself: nothing to hold out
 
     def __init__(self, gain: float = 1.0, signed: bool = False) -> None:
         self.gain = _check_number("gain", gain)
@@ -307,12 +407,6 @@ class Enhancement(Degradation):
         return (y + self.gain * detail).clamp(0.0, 1.0)
 
 
-TASKS: dict[str, type[Degradation]] = {
-    cls.name: cls for cls in (Denoising, JpegDeblocking, Inpainting, SuperResolution, Enhancement)
-}
-"""Task name → degradation class."""
-
-
 def make_degradation(task: str, **params: object) -> Degradation:
     """Build the degradation of ``task`` (one of :data:`TASKS`) with keyword ``params``.
 
@@ -322,7 +416,7 @@ def make_degradation(task: str, **params: object) -> Degradation:
     cls = TASKS.get(task)
     if cls is None:
         raise UserError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
-    accepted = list(inspect.signature(cls).parameters)
+    accepted = cls.parameters()
     unknown = sorted(set(params) - set(accepted))
     if unknown:
         raise UserError(

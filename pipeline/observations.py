@@ -5,8 +5,8 @@ One folder per (task, variant, image)::
     clean.png         the clean image, cropped to multiples of 32 (8-bit)
     observation.npy   the observation y = A(x) in float32 (a noisy image is not 8-bit)
     observation.png   an 8-bit preview of it
-    mask.png          inpainting only: 255 = kept
-    meta.json         task, degradation parameters, source and observation sha256
+    mask.png          inpainting only (the task's files, Degradation.save): 255 = kept
+    meta.json         task, degradation parameters (Degradation.params), source, sha256s
 
 Storing the draw (noise, mask) rather than re-drawing it makes every method see the same y.
 """
@@ -22,13 +22,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.degradations import Degradation, Inpainting, make_degradation
+from pipeline.degradations import TASKS
 from pipeline.errors import UserError
 from pipeline.imageio import load_image, save_image, write_bytes_atomic
+from pipeline.layout import prepared_dir
 from pipeline.problem import Problem
 from pipeline.results import write_json
+from pipeline.settings import parse_variant, task_class, task_variants, variant_name
 
 META_FILE = "meta.json"
+OBSERVATION_FILE = "observation.npy"
+
+
+def _sha256(array: np.ndarray) -> str:
+    """sha256 of the observation's float32 values (C order), as stored in ``meta.json``."""
+    return hashlib.sha256(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()
 
 
 def write_observation(folder: Path, problem: Problem, meta: dict[str, Any]) -> dict[str, Any]:
@@ -37,29 +45,62 @@ def write_observation(folder: Path, problem: Problem, meta: dict[str, Any]) -> d
     array = problem.observation[0].cpu().numpy().astype(np.float32)
     buffer = io.BytesIO()
     np.save(buffer, array)
-    write_bytes_atomic(folder / "observation.npy", buffer.getvalue())
+    write_bytes_atomic(folder / OBSERVATION_FILE, buffer.getvalue())
     save_image(folder / "observation.png", problem.observation)
     if problem.clean is not None:
         save_image(folder / "clean.png", problem.clean)
-    if isinstance(problem.task, Inpainting):
-        save_image(folder / "mask.png", problem.task.mask)
-    full = {**meta, "observation_sha256": hashlib.sha256(array.tobytes()).hexdigest()}
+    problem.task.save(folder)
+    full = {
+        **meta,
+        "task": problem.task.name,
+        "params": problem.task.params(),
+        "observation_sha256": _sha256(array),
+    }
     write_json(folder / META_FILE, full)
     return full
 
 
 def read_observation(folder: Path) -> tuple[Problem, dict[str, Any]]:
-    """Read a prepared observation back into a :class:`Problem` (with its clean image)."""
+    """Read a prepared observation back into a :class:`Problem` (with its clean image), checked
+    against the sha256 recorded when it was written."""
     meta_path = folder / META_FILE
     if not meta_path.is_file():
         raise UserError(f"no prepared observation in {folder} (run the prepare stage first)")
-    meta = json.loads(meta_path.read_text())
-    observation = torch.from_numpy(np.load(folder / "observation.npy"))[None]
-    params = dict(meta["params"])
-    if meta["task"] == "inpainting":
-        mask = load_image(folder / "mask.png")
-        params = {"mask": (mask > 0.5).float()}
-    task: Degradation = make_degradation(meta["task"], **params)
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{meta_path} is not readable JSON ({err}); rerun prepare") from err
+    array_path = folder / OBSERVATION_FILE
+    try:
+        array = np.load(array_path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{array_path} is not a readable observation ({err})") from err
+    if _sha256(array) != meta.get("observation_sha256"):
+        raise UserError(
+            f"{array_path} does not match the observation_sha256 of {meta_path}: it changed after "
+            "it was prepared; rerun the prepare stage"
+        )
+    observation = torch.from_numpy(array)[None]
+    cls = TASKS.get(meta.get("task", ""))
+    if cls is None:
+        raise UserError(f"{meta_path} names an unknown task {meta['task']!r}")
+    task = cls.load(dict(meta["params"]), folder)
     clean_path = folder / "clean.png"
     clean = load_image(clean_path) if clean_path.is_file() else None
     return Problem(task, observation, clean), meta
+
+
+def read_prepared(
+    params: dict[str, Any], task: str, image: str, variant: str | None = None
+) -> tuple[Problem, dict[str, Any], str]:
+    """The prepared observation of ``image`` under params.yaml's ``params``: its problem, meta
+    data and variant folder. ``variant`` is a value (``25``) or a folder name (``sigma25``); None
+    means the task's first variant."""
+    if variant is None and task_class(task).variant is not None:
+        variant = str(task_variants(params, task)[0])
+    name = variant_name(task, parse_variant(task, variant))
+    folder = prepared_dir(task, name, image)
+    if not folder.is_dir():
+        raise UserError(f"no prepared observation of {image!r} in {folder} (run prepare first)")
+    problem, meta = read_observation(folder)
+    return problem, meta, name

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.degradations import Degradation, make_degradation
+from pipeline.degradations import TASKS, Degradation, make_degradation
 from pipeline.errors import UserError
 from pipeline.imageio import center_crop_to_multiple, load_image, load_mask
 
@@ -38,10 +38,12 @@ def _task(
     image: Tensor,
     multiple: int,
 ) -> Degradation:
+    """The degradation of ``task``; a mask file (of the full image) is cropped like the image."""
     params = dict(params)
     if mask_path is not None:
-        if task != "inpainting":
-            raise UserError(f"a mask is only used by inpainting, not by {task!r}")
+        cls = TASKS.get(task)
+        if cls is None or not cls.takes_mask:
+            raise UserError(f"a mask is only used by tasks that take one, not by {task!r}")
         full = load_mask(mask_path, image.shape[-2], image.shape[-1])
         params["mask"] = center_crop_to_multiple(full, multiple)
     return make_degradation(task, **params)
@@ -91,21 +93,29 @@ def observed(
 ) -> Problem:
     """Use a degraded photo as the observation (no clean image, so no PSNR against it).
 
-    The photo is centre-cropped so that the network's output size is a multiple of 32: for
-    super-resolution the low-resolution photo is cropped to multiples of ``32 / factor``.
+    The photo is centre-cropped so that the network's output size is a multiple of 32
+    (:meth:`~pipeline.degradations.Degradation.photo_multiple`: for super-resolution the
+    low-resolution photo is cropped to multiples of ``32 / factor``).
     """
-    params = dict(params or {})
-    if task == "inpainting" and mask_path is None:
-        raise UserError("inpainting a real photo needs its mask (--mask)")
     image = load_image(image_path, channels)
-    multiple = OUTPUT_MULTIPLE
-    if task == "sr":
-        factor = int(params.get("factor", 4))  # type: ignore[call-overload]
-        if factor < 1 or OUTPUT_MULTIPLE % factor:
-            raise UserError(f"super-resolution factor must divide {OUTPUT_MULTIPLE}, got {factor}")
-        multiple = OUTPUT_MULTIPLE // factor
-    degradation = _task(task, params, mask_path, image, multiple)
-    observation = center_crop_to_multiple(image, multiple)
-    if task == "inpainting":
-        observation = observation * degradation.loss_mask(observation)
-    return Problem(degradation, observation, None)
+    multiple = make_degradation(task, **_without_mask(params)).photo_multiple(OUTPUT_MULTIPLE)
+    degradation = _task(task, params or {}, mask_path, image, multiple)
+    photo = center_crop_to_multiple(image, multiple)
+    return Problem(degradation, degradation.observation_of_photo(photo), None)
+
+
+def _without_mask(params: dict[str, object] | None) -> dict[str, object]:
+    return {k: v for k, v in (params or {}).items() if k != "mask"}
+
+
+def load_problem(
+    task: str,
+    image_path: str | os.PathLike[str],
+    params: dict[str, object] | None = None,
+    mask_path: str | os.PathLike[str] | None = None,
+    channels: int | None = None,
+    is_observed: bool = False,
+) -> Problem:
+    """A problem from an image file: :func:`observed` for a photo, else :func:`simulate`."""
+    make = observed if is_observed else simulate
+    return make(task, image_path, params, mask_path, channels)

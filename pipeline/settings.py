@@ -10,11 +10,13 @@ Layout of ``params.yaml`` (each stage reads its own section)::
     methods: {<method>: {...}}    # optimize: the three compared methods
     sweeps:  {...}                # optimize (λ and σ sweeps for the figures)
 
+The paper's settings live in the code: :class:`pipeline.fit.FitConfig`'s defaults, and each task's
+own in its :class:`pipeline.degradations.Degradation` (``defaults``). A profile overrides them.
 The fit of one (task, method, image) merges, later winning: ``stopping`` (flattened, see
-:class:`pipeline.stopping.StoppingConfig`) < ``fit`` < ``tasks.<task>.fit`` <
-``tasks.<task>.fit.per_image.<image>`` < ``methods.<method>``, where a method's ``lam: task`` takes
-the task's (or the image's) λ for that upsampler and a setting ``tuned`` the image's value from
-``tuned/<task>/<variant>/<image>/values.yaml``.
+:class:`pipeline.stopping.StoppingConfig`) < the task's defaults < ``fit`` < ``tasks.<task>.fit``
+< ``tasks.<task>.fit.per_image.<image>`` < ``methods.<method>``, where a method's ``lam: task``
+takes the task's (or the image's) λ for that upsampler and a setting ``tuned`` the image's value
+from ``tuned/<task>/<variant>/<image>/values.yaml``.
 """
 
 from __future__ import annotations
@@ -25,16 +27,13 @@ from typing import Any
 
 import yaml
 
+from pipeline.degradations import TASKS, Degradation
 from pipeline.errors import UserError
 from pipeline.layout import TUNED, tuned_values_path
 from pipeline.stopping import StoppingConfig
 
 PARAMS_FILE = "params.yaml"
 PROFILES_DIR = "profiles"
-TASK_VARIANTS = {"denoising": "sigma", "deblocking": "quality", "sr": "factor"}
-"""The degradation parameter a task is swept over (one observation per value)."""
-VARIANT_LISTS = {"sigma": "sigmas", "quality": "qualities", "factor": "factors"}
-"""The params.yaml key of ``tasks.<task>`` listing a variant parameter's values."""
 TUNED_VALUE = "tuned"
 """A setting whose value is ``tuned`` takes the image's tuned value (``sdip tune``)."""
 
@@ -67,9 +66,17 @@ def section(params: dict[str, Any], *keys: str) -> Any:
     return value
 
 
+def task_class(task: str) -> type[Degradation]:
+    """The degradation class of ``task`` (:data:`pipeline.degradations.TASKS`)."""
+    cls = TASKS.get(task)
+    if cls is None:
+        raise UserError(f"unknown task {task!r}; valid tasks: {', '.join(sorted(TASKS))}")
+    return cls
+
+
 def variant_name(task: str, value: object | None) -> str:
     """Folder of one observation variant: ``sigma25``, ``quality10``, ``factor4``, ``default``."""
-    key = TASK_VARIANTS.get(task)
+    key = task_class(task).variant
     if key is None or value is None:
         return "default"
     text = f"{value:g}" if isinstance(value, float) else str(value)
@@ -80,7 +87,7 @@ def parse_variant(task: str, text: str | None) -> object | None:
     """A variant named on the command line by its value (``25``) or its folder (``sigma25``)."""
     if text is None or text == "default":
         return None
-    key = TASK_VARIANTS.get(task)
+    key = task_class(task).variant
     if key is not None and text.startswith(key):
         text = text[len(key) :]
     return yaml.safe_load(text)
@@ -88,15 +95,30 @@ def parse_variant(task: str, text: str | None) -> object | None:
 
 def task_variants(params: dict[str, Any], task: str) -> list[object | None]:
     """The values of the task's variant parameter (``[None]`` for tasks with one variant)."""
-    key = TASK_VARIANTS.get(task)
-    if key is None:
+    listed = task_class(task).variant_list
+    if listed is None:
         return [None]
-    values = (section(params, "tasks", task).get("observe") or {}).get(VARIANT_LISTS[key])
+    values = (section(params, "tasks", task).get("observe") or {}).get(listed)
     if not isinstance(values, list) or not values:
-        raise UserError(
-            f"params.yaml tasks.{task}.observe.{VARIANT_LISTS[key]} must be a non-empty list"
-        )
+        raise UserError(f"params.yaml tasks.{task}.observe.{listed} must be a non-empty list")
     return values
+
+
+def task_lam(values: dict[str, Any], upsample: object) -> dict[str, Any]:
+    """``values`` (a task's fit settings) with its ``lam_gaussian`` taken as λ for Gaussian
+    upsampling and dropped: the one rule for "the task's λ for this upsampler"."""
+    values = dict(values)
+    lam_gaussian = values.pop("lam_gaussian", None)
+    if upsample == "gaussian" and lam_gaussian is not None:
+        values["lam"] = lam_gaussian
+    return values
+
+
+def standalone_settings(task: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The flat fit settings of a fit outside the pipeline (``sdip fit``, ``sdip tune`` on a
+    file): the task's defaults (:attr:`Degradation.defaults`) < the given ``options``."""
+    given = {k: v for k, v in options.items() if v is not None}
+    return {**task_lam(task_class(task).defaults, given.get("upsample")), **given}
 
 
 def fit_settings(
@@ -108,20 +130,19 @@ def fit_settings(
     overrides: dict[str, Any] | None = None,
     tuned_root: Path = TUNED,
 ) -> dict[str, Any]:
-    """The flat fit settings of one (task, method, image): ``fit`` < task's ``fit`` < the image's
-    entry of the task's ``per_image`` < method < ``overrides``, over the flattened ``stopping``
-    section. A value ``task`` of λ takes the
-    task's λ for the method's upsampler; a value ``tuned`` of any setting takes the image's tuned
-    value (:func:`tuned_values_path`)."""
+    """The flat fit settings of one (task, method, image), later winning: the flattened
+    ``stopping`` section < the task's defaults (:attr:`Degradation.defaults`) < ``fit`` < the
+    task's ``fit`` < the image's entry of the task's ``per_image`` < method < ``overrides``.
+
+    A method's ``lam: task`` takes the task's λ for the method's upsampler (:func:`task_lam`);
+    a value ``tuned`` of any setting takes the image's tuned value (:func:`tuned_values_path`).
+    """
     task_fit = dict(section(params, "tasks", task).get("fit") or {})
     task_fit.update(_per_image(params, task, task_fit.pop("per_image", None), image))
+    task_values = {**task_class(task).defaults, **task_fit}
     method_values = {**dict(section(params, "methods", method)), **(overrides or {})}
-    lam_key = "lam_gaussian" if method_values.get("upsample") == "gaussian" else "lam"
-    lam_gaussian = task_fit.pop("lam_gaussian", None)
     if method_values.get("lam") == "task":
-        method_values["lam"] = lam_gaussian if lam_key == "lam_gaussian" else task_fit.get("lam")
-        if method_values["lam"] is None:
-            raise UserError(f"params.yaml tasks.{task}.fit has no {lam_key} for method {method}")
+        method_values["lam"] = task_lam(task_values, method_values.get("upsample"))["lam"]
     wanted = [key for key, value in method_values.items() if value == TUNED_VALUE]
     if wanted:
         if image is None:
@@ -138,7 +159,14 @@ def fit_settings(
                 raise UserError(f"{path} has no tuned {key} (tuned: {', '.join(tuned)})")
             method_values[key] = tuned[key]
     stopping = StoppingConfig.flatten(params.get("stopping"))
-    return {**stopping, **dict(section(params, "fit")), **task_fit, **method_values}
+    defaults = task_lam(task_class(task).defaults, None)
+    return {
+        **stopping,
+        **defaults,
+        **dict(section(params, "fit")),
+        **task_lam(task_fit, None),
+        **method_values,
+    }
 
 
 def _per_image(

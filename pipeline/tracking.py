@@ -10,6 +10,7 @@ per value. MLflow is imported lazily: it is slow to import and only the stages n
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import subprocess
 import time
@@ -20,10 +21,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipeline.results import CURVES_FILE, SUMMARY_FILE, read_curves
+
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
 BATCH_LIMIT = 1000
+RUN_ARTIFACTS = ("restored_stop.png", "restored_final.png", "restored_best.png", "observation.png")
 SQLITE_PREFIX = "sqlite:///"
 DVC_EXPERIMENT_WORKSPACES = os.path.join(".dvc", "tmp", "exps")
 
@@ -149,6 +153,37 @@ def stage_run(
         mlflow.set_terminated(run_id, "FAILED")
         raise
     mlflow.set_terminated(run_id, "FINISHED")
+
+
+def log_run_folder(run: tuple[MlflowClient, str, str], folder: Path, name: str, tags: dict) -> str:
+    """Log one fit's outputs — ``summary.json`` (settings, degradation, scalars), ``curves.csv``
+    and the images — as a child run of the stage's parent ``run`` (from :func:`stage_run`).
+
+    The run folder, which DVC tracks, is the record; MLflow is a view of it, so a run can be
+    logged again from its folder alone."""
+    mlflow, experiment, parent = run
+    summary = json.loads((folder / SUMMARY_FILE).read_text())
+    observation = summary.get("observation") or {}
+    params = {
+        **{key: summary[key] for key in ("task", "variant", "image", "method") if key in summary},
+        **summary["settings"],
+        **{f"degradation.{k}": v for k, v in (observation.get("params") or {}).items()},
+    }
+    metrics = {k: v for k, v in summary.items() if isinstance(v, int | float)}
+    artifacts = [folder / artifact for artifact in RUN_ARTIFACTS]
+    curves = read_curves(folder / CURVES_FILE)
+    return log_fit_run(mlflow, experiment, parent, name, params, tags, curves, metrics, artifacts)
+
+
+def log_fits(
+    experiment: str, stage: str, tags: dict[str, Any], fits: list[tuple[Path, str, dict]]
+) -> None:
+    """A parent run for one stage invocation with a child run per fit: ``fits`` holds each fit's
+    (run folder, run name, extra tags)."""
+    commit = git_commit()
+    with stage_run(experiment, stage, tags) as run:
+        for folder, name, extra in fits:
+            log_run_folder(run, folder, name, {**tags, "git_commit": commit, **extra})
 
 
 def log_fit_run(

@@ -84,10 +84,8 @@ class HoldoutDegradation(Degradation):
     ) -> None:
         if isinstance(fraction, bool) or not 0.0 < float(fraction) < 1.0:
             raise UserError(f"holdout fraction must be in (0, 1), got {fraction!r}")
-        if task.name == "enhancement":
-            raise UserError("enhancement fits the clean image itself: it has nothing to hold out")
-        # The fit treats the wrapper as its task: backtracking and defaults follow the task name.
-        self.name = task.name
+        if not task.holds_out:
+            raise UserError(f"{task.name} fits the clean image itself: it has nothing to hold out")
         self.task = task
         self.y = observation.detach().to("cpu", torch.float32)
         height, width = self.y.shape[-2:]
@@ -108,6 +106,11 @@ class HoldoutDegradation(Degradation):
         self.keep = eligible.reshape(1, 1, height, width) * (1.0 - self.held)
 
     @property
+    def backtracks(self) -> bool:  # type: ignore[override]
+        """The wrapped task's backtracking: the held-out pixels change what is fitted, not how."""
+        return self.task.backtracks
+
+    @property
     def observation(self) -> Tensor:
         """What the fit is given: the observation with the held-out pixels zeroed."""
         return self.y * self.keep
@@ -123,9 +126,6 @@ class HoldoutDegradation(Degradation):
 
     def output_shape(self, y: Tensor) -> tuple[int, int]:
         return self.task.output_shape(y)
-
-    def out_channels(self, y: Tensor) -> int:
-        return self.task.out_channels(y)
 
     def restore(self, out: Tensor, y: Tensor) -> Tensor:
         return self.task.restore(out, y)
