@@ -4,12 +4,17 @@
 - :func:`sweep` — PSNR vs iteration for a λ or σ sweep (Figs. "Lipschitz/Gaussian control").
 - :func:`automatic_stop` — PSNR and the blur/sharpness ratio with the rule's stop.
 - :func:`restoration_grid` — observation / ours / clean, one row per task.
+
+Each returns the matplotlib :class:`Figure` (so its drawn data can be inspected);
+:func:`save_figure` writes it. :func:`sweep_figures`, :func:`restorations` and :func:`stop_figure`
+pick the runs that the summary figures of ``sdip aggregate`` show.
 """
 
 from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -17,10 +22,18 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 from matplotlib.figure import Figure
 from PIL import Image
 
+from pipeline.errors import UserError
+from pipeline.evaluation import read_run, rule_stops
 from pipeline.imageio import write_bytes_atomic
+from pipeline.layout import run_dir, sweep_dir
+from pipeline.results import CURVES_FILE, read_curves
+
+SWEEP_FIGURES = {"lam": ("lambda_sweep", "λ"), "gauss_sigma": ("sigma_sweep", "σ")}
+"""Swept setting → (figure name, its symbol)."""
 
 
 def save_figure(figure: Figure, path: Path) -> None:
@@ -32,9 +45,9 @@ def save_figure(figure: Figure, path: Path) -> None:
     write_bytes_atomic(path, buffer.getvalue())
 
 
-def spectral_measurement(
-    curves: dict[str, np.ndarray], peak: int | None, title: str, path: Path
-) -> None:
+def spectral_measurement(curves: dict[str, np.ndarray], peak: int | None, title: str) -> Figure:
+    """PSNR (top) and the FBC bands (bottom) against the iteration, with the oracle peak (a row
+    of the curves) marked."""
     iterations = curves["iteration"]
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(6, 6), sharex=True)
     top.plot(iterations, curves["psnr"], color="black")
@@ -50,10 +63,11 @@ def spectral_measurement(
     if peak is not None:
         for axis in (top, bottom):
             axis.axvline(iterations[peak], color="green", linestyle="--", linewidth=1)
-    save_figure(figure, path)
+    return figure
 
 
-def sweep(series: dict[str, dict[str, np.ndarray]], label: str, title: str, path: Path) -> None:
+def sweep(series: dict[str, dict[str, np.ndarray]], label: str, title: str) -> Figure:
+    """PSNR against the iteration, one line per swept value (``series``: value → curves)."""
     figure, axis = plt.subplots(figsize=(6, 4))
     for value, curves in series.items():
         axis.plot(curves["iteration"], curves["psnr"], label=f"{label} = {value}")
@@ -61,10 +75,12 @@ def sweep(series: dict[str, dict[str, np.ndarray]], label: str, title: str, path
     axis.set_ylabel("PSNR vs clean (dB)")
     axis.set_title(title)
     axis.legend(fontsize=8)
-    save_figure(figure, path)
+    return figure
 
 
-def automatic_stop(curves: dict[str, np.ndarray], stop: int | None, title: str, path: Path) -> None:
+def automatic_stop(curves: dict[str, np.ndarray], stop: int | None, title: str) -> Figure:
+    """PSNR (top) and the blur/sharpness ratio (bottom) against the iteration, with the ratio
+    rule's stop (a row of the curves) marked."""
     iterations = curves["iteration"]
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5), sharex=True)
     top.plot(iterations, curves["psnr"], color="black")
@@ -78,10 +94,10 @@ def automatic_stop(curves: dict[str, np.ndarray], stop: int | None, title: str, 
     if stop is not None:
         for axis in (top, bottom):
             axis.axvline(iterations[stop], color="green", linestyle="--", linewidth=1)
-    save_figure(figure, path)
+    return figure
 
 
-def restoration_grid(rows: list[tuple[str, Path, Path, Path]], path: Path) -> None:
+def restoration_grid(rows: list[tuple[str, Path, Path, Path]]) -> Figure:
     """``rows``: (label, observation.png, restored.png, clean.png)."""
     figure, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.6 * len(rows)), squeeze=False)
     for (label, *images), row in zip(rows, axes, strict=True):
@@ -94,4 +110,44 @@ def restoration_grid(rows: list[tuple[str, Path, Path, Path]], path: Path) -> No
             axis.set_xticks([])
             axis.set_yticks([])
             axis.set_title(f"{label}: {name}", fontsize=8)
-    save_figure(figure, path)
+    return figure
+
+
+def sweep_figures(sweeps: dict[str, Any]) -> dict[str, Figure]:
+    """The λ and σ sweeps of params.yaml ``sweeps``, by figure name; a value whose run is
+    missing is left out, a sweep with none is not drawn."""
+    figures = {}
+    for kind, (name, label) in SWEEP_FIGURES.items():
+        paths = {str(value): sweep_dir(kind, value) / CURVES_FILE for value in sweeps.get(kind, [])}
+        series = {value: read_curves(path) for value, path in paths.items() if path.is_file()}
+        if series:
+            title = f"{sweeps['task']} {sweeps['image']}: PSNR vs iteration, {label} sweep"
+            figures[name] = sweep(series, label, title)
+    return figures
+
+
+def first_fit(evaluation: pd.DataFrame, task: str, method: str) -> pd.Series:
+    """The first row of ``evaluation`` (the tidy frame of fits) for ``method`` on ``task``."""
+    fits = evaluation[(evaluation["task"] == task) & (evaluation["method"] == method)]
+    if fits.empty:
+        raise UserError(f"no fit of method {method!r} on task {task!r} to draw")
+    return fits.iloc[0]
+
+
+def restorations(evaluation: pd.DataFrame, method: str) -> Figure:
+    """:func:`restoration_grid` of the first fit of ``method`` in every task, at its ratio stop."""
+    rows = []
+    for task in sorted(set(evaluation["task"])):
+        fit = first_fit(evaluation, task, method)
+        folder = run_dir(task, fit["variant"], fit["image"], method)
+        images = (folder / name for name in ("observation.png", "restored_stop.png", "clean.png"))
+        rows.append((f"{task} {fit['variant']}", *images))
+    return restoration_grid(rows)
+
+
+def stop_figure(evaluation: pd.DataFrame, task: str, method: str) -> Figure:
+    """:func:`automatic_stop` of the first fit of ``method`` on ``task``."""
+    fit = first_fit(evaluation, task, method)
+    curves, summary = read_run(run_dir(task, fit["variant"], fit["image"], method))
+    stop = rule_stops(curves, summary)["ratio"]
+    return automatic_stop(curves, stop, f"{task} {fit['image']} ({method}): ratio rule stop")
