@@ -21,7 +21,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,9 +33,12 @@ from pipeline.model import DecoderConfig
 from pipeline.monitor import PSNR_PROTOCOLS, FitMonitor
 from pipeline.networks import NetworkSettings, ParamPairs, build_network
 from pipeline.results import FitResult
+from pipeline.runtime import PRECISIONS
 from pipeline.stopping import StoppingConfig
 
-PRECISIONS = ("fp32", "tf32", "bf16")
+if TYPE_CHECKING:
+    from pipeline.checkpoint import Checkpoint
+
 MEMBER_SETTINGS = ("seed", "lam", "gauss_sigma")
 """Settings that may differ between the members of one fit engine; all others must agree."""
 
@@ -384,13 +387,52 @@ class FitState:
             )
         keep = [p for p in positions if p not in ending]
         if keep:
-            index = torch.tensor(keep, device=self.device)
-            self.optimizer = select_adam(self.optimizer, self.network.select(index), index)
-            if self.backtracking is not None:
-                self.backtracking.select(index)
-            self.last_out = self.last_out.index_select(0, index)
-            self.monitor.select(index)
+            self._keep(keep)
         self.members = [self.members[p] for p in keep]
+
+    def _keep(self, positions: list[int]) -> None:
+        """Drop every member not at ``positions`` from the stacks (not from ``members``)."""
+        index = torch.tensor(positions, device=self.device)
+        self.optimizer = select_adam(self.optimizer, self.network.select(index), index)
+        if self.backtracking is not None:
+            self.backtracking.select(index)
+        self.last_out = self.last_out.index_select(0, index)
+        self.monitor.select(index)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the fits need to continue as if never stopped: the network (parameters,
+        buffers such as the σ warm starts, the input-noise RNG), Adam, backtracking, the
+        measurements and stopping rules, the last outputs and the results of ended members."""
+        backtracking = self.backtracking
+        return {
+            "iteration": self.iteration,
+            "members": list(self.members),
+            "results": self.results,
+            "network": self.network.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "backtracking": None
+            if backtracking is None
+            else {"saved": backtracking.saved, "saved_psnr_obs": backtracking.saved_psnr_obs},
+            "monitor": self.monitor.state_dict(),
+            "last_out": self.last_out,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict` of a state built from the same arguments."""
+        members = list(state["members"])
+        if members != self.members:
+            self._keep([self.members.index(member) for member in members])
+            self.members = members
+        self.iteration = int(state["iteration"])
+        self.results = dict(state["results"])
+        self.network.load_state_dict(state["network"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.backtracking is not None:
+            saved = state["backtracking"]
+            self.backtracking.saved = [t.to(self.device) for t in saved["saved"]]
+            self.backtracking.saved_psnr_obs = saved["saved_psnr_obs"].to(self.device)
+        self.monitor.load_state_dict(state["monitor"])
+        self.last_out = state["last_out"].to(self.device)
 
 
 def fit_many(
@@ -399,6 +441,7 @@ def fit_many(
     configs: Sequence[FitConfig],
     callbacks: Sequence[Callback] = (),
     cleans: Sequence[Tensor | None] | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> list[FitResult]:
     """Fit K ≥ 1 members at once; returns their :class:`FitResult` in the order of ``configs``.
 
@@ -408,17 +451,33 @@ def fit_many(
     :class:`UserError`. ``callbacks`` (:data:`Callback`) see every running member every
     ``log_every`` iterations and at the end. For K > 1 each result equals
     ``fit(observations[k], tasks[k], configs[k], clean=cleans[k])`` up to floating-point rounding
-    (:mod:`pipeline.networks`); its ``wall_time`` is the elapsed time when the member ended.
+    (:mod:`pipeline.networks`); its ``wall_time`` is the fit's compute time when the member ended.
+
+    With a ``checkpoint`` (:class:`pipeline.checkpoint.Checkpoint`) the fits resume from it when
+    it holds their state, save it every ``checkpoint.every`` iterations and when the process is
+    asked to terminate (:func:`pipeline.runtime.termination_requested`; then
+    :class:`pipeline.checkpoint.FitInterruptedError` is raised), and remove it once they have ended.
     """
     if isinstance(tasks, Degradation):
         tasks = [tasks] * len(configs)
     state = FitState(observations, tasks, configs, cleans)
+    before = 0.0
+    if checkpoint is not None:
+        before = checkpoint.restore(state)
     start = time.perf_counter()
+
+    def elapsed() -> float:
+        return before + time.perf_counter() - start
+
     log_every = state.base.log_every
     while state.running:
         state.step()
         if state.iteration % log_every == 0 or state.done:
-            state.sync(callbacks, lambda: time.perf_counter() - start)
+            state.sync(callbacks, elapsed)
+        if checkpoint is not None and state.running:
+            checkpoint.after_step(state, elapsed())
+    if checkpoint is not None:
+        checkpoint.remove()
     return [state.results[member] for member in range(len(configs))]
 
 
@@ -428,7 +487,8 @@ def fit(
     config: FitConfig,
     callbacks: Sequence[Callback] = (),
     clean: Tensor | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> FitResult:
     """Fit the decoder to ``observation`` under ``task``'s forward operator: :func:`fit_many` of
     one member."""
-    return fit_many([observation], [task], [config], callbacks, [clean])[0]
+    return fit_many([observation], [task], [config], callbacks, [clean], checkpoint)[0]

@@ -7,6 +7,7 @@ The data flow in one direction, one folder per step::
     runs/sweeps/<kind>/<value>/                     sweep: one member of a λ or σ sweep
     tuned/<task>/<variant>/<image>/                 tune: values.yaml, trials.csv, summary.json
     results/                                        fbc, evaluate, aggregate: tables and figures
+    .checkpoints/<output>.pt                        a running fit's state (pipeline.checkpoint)
 
 Every stage and library function that names one of these folders asks this module for it.
 """
@@ -23,6 +24,9 @@ RESULTS = Path("results")
 FIGURES = RESULTS / "figures"
 TABLES = RESULTS / "tables"
 TUNED_VALUES = "values.yaml"
+CHECKPOINTS = Path(".checkpoints")
+CHECKPOINT_EVERY = 500
+"""Iterations between two checkpoints unless params.yaml's ``checkpoints.every`` says otherwise."""
 
 
 def prepared_dir(task: str, variant: str, image: str, root: Path = PREPARED) -> Path:
@@ -48,3 +52,9 @@ def tuned_dir(task: str, variant: str, image: str, root: Path = TUNED) -> Path:
 def tuned_values_path(task: str, variant: str, image: str, root: Path = TUNED) -> Path:
     """Where ``sdip tune`` writes, and a ``tuned`` setting reads, one image's tuned values."""
     return tuned_dir(task, variant, image, root) / TUNED_VALUES
+
+
+def checkpoint_path(output: Path) -> Path:
+    """Where the fits that write ``output`` keep their state while they run: beside the DVC
+    outputs, never inside them (DVC empties a stage's outputs before it runs)."""
+    return CHECKPOINTS / f"{output.as_posix().strip('/')}.pt"

@@ -184,7 +184,9 @@ class VarianceTracker(Tracker):
     "Early Stopping for Deep Image Prior"; experiments.md, "Other stopping rules").
 
     WMV over the last W outputs x_1..x_W: ``mean over pixels of (1/W Σ x_i² − x̄²)``, from running
-    sums in float64; EMV: ``v ← (1 − α) v + α (1 − α) mean((x − m)²)``, ``m ← (1 − α) m + α x``.
+    sums in float64; EMV: ``v ← (1 − α) v + α (1 − α) mean((x − m)²)``, ``m ← (1 − α) m + α x``
+    from ``m = x_0``, ``v = 0``. The first output has no EMV (NaN): its 0 would otherwise be the
+    minimum forever and ES-EMV would always stop at iteration 0.
     """
 
     def __init__(self, stopping: StoppingConfig, shape: tuple[int, ...], device: torch.device):
@@ -216,7 +218,7 @@ class VarianceTracker(Tracker):
                 wmv = ((self.window_sq / w - mean.square().sum(dims)) / x[0].numel()).float()
         if row == 0:
             self.ema = x.clone()
-            return wmv, torch.zeros_like(self.emv)
+            return wmv, torch.full_like(self.emv, torch.nan)
         a = self.alpha
         dev2 = (x - self.ema).square().mean(dims)
         self.emv = (1 - a) * self.emv + a * (1 - a) * dev2

@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import signal
+from types import FrameType
 
 import torch
+
+PRECISIONS = ("fp32", "tf32", "bf16")
+"""Float precisions of a fit: strict float32, CUDA's TF32 tensor cores, bfloat16 autocast."""
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -47,3 +52,27 @@ def _keep_freed_memory() -> None:
         return  # not glibc (macOS, musl): its allocator is left alone
     libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
     libc.mallopt(_M_TRIM_THRESHOLD, HEAP_RETAIN_BYTES)
+
+
+_requested: list[int] = []
+
+
+def handle_termination() -> None:
+    """Turn SIGTERM and SIGINT into a request that resumable fits honour at their next step
+    (they save their state and stop, :mod:`pipeline.checkpoint`); a second signal stops the
+    process at once."""
+    _requested.clear()
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, _request)
+
+
+def _request(number: int, frame: FrameType | None) -> None:
+    if _requested:
+        raise KeyboardInterrupt
+    _requested.append(number)
+
+
+def termination_requested() -> int | None:
+    """The signal that asked this process to terminate, if one did since
+    :func:`handle_termination`."""
+    return _requested[0] if _requested else None

@@ -29,7 +29,7 @@ import yaml
 
 from pipeline.degradations import TASKS, Degradation
 from pipeline.errors import UserError
-from pipeline.layout import TUNED, tuned_values_path
+from pipeline.layout import CHECKPOINT_EVERY, TUNED, tuned_values_path
 from pipeline.stopping import StoppingConfig
 
 PARAMS_FILE = "params.yaml"
@@ -191,3 +191,13 @@ def write_params_atomic(path: Path, params: dict[str, Any], header: str = "") ->
 
     text = header + yaml.safe_dump(params, sort_keys=False, width=100)
     write_bytes_atomic(path, text.encode())
+
+
+def checkpoint_every(params: dict[str, Any]) -> int:
+    """Iterations between two checkpoints of a running fit: params.yaml's ``checkpoints.every``
+    (:data:`pipeline.layout.CHECKPOINT_EVERY` when absent). It changes no result, so no stage
+    declares it as a parameter."""
+    every = (params.get("checkpoints") or {}).get("every", CHECKPOINT_EVERY)
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise UserError(f"params.yaml checkpoints.every must be an integer >= 1, got {every!r}")
+    return every

@@ -18,7 +18,7 @@ import optuna
 
 from pipeline.fit import FitConfig
 from pipeline.imageio import write_bytes_atomic
-from pipeline.layout import TUNED_VALUES
+from pipeline.layout import TUNED_VALUES, checkpoint_path
 from pipeline.problem import Problem
 from pipeline.results import write_json
 from pipeline.settings import write_params_atomic
@@ -138,17 +138,24 @@ def run_study(
     storage: str | None = None,
     study_name: str | None = None,
     batch: int = 1,
+    checkpoint_every: int | None = None,
     tracking: dict[str, Any] | None = None,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Open (or resume) the study of ``problem`` and run ``config.trials`` more trials, ``batch``
     at a time; write its outputs to ``out`` and return :func:`~pipeline.tuning.study_report`.
 
+    With ``checkpoint_every``, each round of trials checkpoints its fits every that many
+    iterations (and on SIGTERM/SIGINT) under ``.checkpoints/<out>/round.pt``, and an interrupted
+    round resumes when the same study runs again (:func:`pipeline.tuning.run_trials`).
     ``where`` names the problem (``task``, ``variant``, ``image``, in that order: the default
     study name joins them with the objective); ``tracking`` (None: no MLflow) holds the
     tags of the study's MLflow parent run; ``echo`` receives one line per event.
     """
     objective = Objective(problem, settings, config)
+    if checkpoint_every is not None:
+        objective.checkpoint = checkpoint_path(out / "round")
+        objective.checkpoint_every = checkpoint_every
     base = objective.base
     study_id = (
         study_name or f"{where['task']}-{where['variant']}-{where['image']}-{config.objective}"

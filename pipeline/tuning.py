@@ -39,13 +39,16 @@ import numpy as np
 import optuna
 import torch
 from optuna.storages import BaseStorage
+from optuna.trial import TrialState
 from scipy.stats import rankdata
 from sqlalchemy.exc import SQLAlchemyError
 from torch import Tensor
 
+from pipeline.checkpoint import checkpoint_for, saved_meta
 from pipeline.degradations import Degradation
 from pipeline.errors import UserError
 from pipeline.fit import FitConfig, MemberView, fit_many
+from pipeline.layout import CHECKPOINT_EVERY
 from pipeline.problem import Problem
 from pipeline.results import FitResult
 from pipeline.tracking import repo_root
@@ -288,6 +291,10 @@ class Objective:
                 problem.task, problem.observation, config.holdout, config.holdout_seed
             )
         self.on_trial = on_trial
+        self.checkpoint: Path | None = None
+        """Where a round of trials keeps its fits' state (:mod:`pipeline.checkpoint`); None: no
+        checkpoints."""
+        self.checkpoint_every = CHECKPOINT_EVERY
 
     @property
     def task(self) -> Degradation:
@@ -327,6 +334,15 @@ class Objective:
         configs = [
             FitConfig.from_dict({**self.settings, **as_fit_settings(v, depth)}) for v in values
         ]
+        observations = [self.observation] * len(asked)
+        checkpoint = None
+        if self.checkpoint is not None:
+            meta = {
+                "trials": [(t.number, v, t.user_attrs) for t, v in zip(asked, values, strict=True)]
+            }
+            checkpoint = checkpoint_for(
+                self.checkpoint, configs, observations, self.checkpoint_every, meta
+            )
         pruned_at: dict[int, int] = {}
 
         def report(view: MemberView) -> bool:
@@ -339,11 +355,12 @@ class Objective:
             return False
 
         results = fit_many(
-            [self.observation] * len(asked),
+            observations,
             self.task,
             configs,
             [report],
             cleans=[self.problem.clean] * len(asked),
+            checkpoint=checkpoint,
         )
         for member, trial in enumerate(asked):
             config, result = configs[member], results[member]
@@ -512,15 +529,23 @@ def run_trials(study: optuna.Study, objective: Objective, trials: int, batch: in
     together, fitted in one engine pass and told one by one (first the baseline, when asked for
     and not run yet). The sampler proposes a round's trials before it has seen their scores, so a
     batched study draws other values than a sequential one; the members of a pass share the
-    learning rate, so ``lr`` cannot be searched with ``batch`` > 1."""
+    learning rate, so ``lr`` cannot be searched with ``batch`` > 1.
+
+    A round interrupted in an earlier process (its checkpoint, ``objective.checkpoint``, is there)
+    comes first: its trials, left RUNNING, are failed, and the same values are asked again as new
+    trials whose fits resume from the checkpoint. Its trials count toward ``trials``."""
     if batch > 1 and "lr" in objective.config.search:
         raise UserError("batched trials share the learning rate: search lam or gauss_sigma only")
+    first_round = _resume_round(study, objective.checkpoint)
     if objective.config.baseline:
         fixed = objective.baseline()
         if fixed is not None:
             study.enqueue_trial(fixed, user_attrs={BASELINE_ATTR: True}, skip_if_exists=True)
-    for first in range(0, trials, batch):
-        asked = [study.ask() for _ in range(min(batch, trials - first))]
+    done = 0
+    while done < trials:
+        size = min(first_round or batch, trials - done)
+        first_round = 0
+        asked = [study.ask() for _ in range(size)]
         told: set[int] = set()
         try:
             objective.run_round(asked, study, told)
@@ -529,6 +554,21 @@ def run_trials(study: optuna.Study, objective: Objective, trials: int, batch: in
             for trial in asked:
                 if trial.number not in told:
                     study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        done += size
+
+
+def _resume_round(study: optuna.Study, checkpoint: Path | None) -> int:
+    """Fail the trials of an interrupted round and enqueue their values again; returns how
+    many (0 when there is no interrupted round)."""
+    meta = None if checkpoint is None else saved_meta(checkpoint)
+    if not meta:
+        return 0
+    running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    for number, values, attrs in meta["trials"]:
+        if number in running:
+            study.tell(number, state=TrialState.FAIL)
+        study.enqueue_trial(values, user_attrs=attrs)
+    return len(meta["trials"])
 
 
 def best_values(study: optuna.Study, depth: int) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from pipeline.errors import UserError
+from pipeline.errors import FitInterruptedError, UserError
 
 COMMANDS = {
     "fit": "stages.fit:fit_command",
@@ -26,7 +26,8 @@ importing every stage's dependencies (Optuna, matplotlib) each time would cost s
 
 class SdipGroup(click.Group):
     """Loads sub-commands lazily and turns a :class:`UserError` into one ``error:`` line and exit
-    status 1, with no traceback."""
+    status 1, and an interrupted fit (its state saved) into one line and 128 + the signal, as a
+    shell reports a process the signal ended; neither with a traceback."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(COMMANDS)
@@ -44,6 +45,9 @@ class SdipGroup(click.Group):
         except UserError as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(1)
+        except FitInterruptedError as err:
+            click.echo(str(err), err=True)
+            sys.exit(128 + err.signal_number)
 
 
 @click.group(cls=SdipGroup)

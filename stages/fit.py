@@ -10,6 +10,7 @@ from typing import Any
 import click
 from tqdm import tqdm
 
+from pipeline.checkpoint import Checkpoint
 from pipeline.fit import FitConfig, MemberView, fit, resolve_device
 from pipeline.problem import Problem, load_problem
 from pipeline.results import FitResult, write_result
@@ -38,12 +39,13 @@ def progress_callback(total: int) -> tuple[tqdm, Callable[[MemberView], None]]:
     return bar, update
 
 
-def run_fit(problem: Problem, config: FitConfig) -> FitResult:
-    """Fit ``problem`` with a progress bar, after the process-wide settings of ``config``."""
+def run_fit(problem: Problem, config: FitConfig, checkpoint: Checkpoint | None = None) -> FitResult:
+    """Fit ``problem`` with a progress bar, after the process-wide settings of ``config``;
+    resumable from ``checkpoint``."""
     configure(config.threads, config.precision, resolve_device(config.device))
     bar, update = progress_callback(config.iterations)
     with bar:
-        return fit(problem.observation, problem.task, config, [update], clean=problem.clean)
+        return fit(problem.observation, problem.task, config, [update], problem.clean, checkpoint)
 
 
 @click.command("fit", cls=TaskCommand)

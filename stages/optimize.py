@@ -4,6 +4,8 @@ Reads ``fit``, ``stopping``, ``tasks.TASK.fit`` and ``methods.METHOD`` from para
 (:func:`pipeline.settings.fit_settings`), fits the prepared observation
 ``data/prepared/TASK/<variant>/IMAGE`` and writes ``runs/TASK/<variant>/IMAGE/METHOD``
 (:mod:`pipeline.results`). The invocation is an MLflow parent run with the fit as its child run.
+The fit checkpoints every ``checkpoints.every`` iterations and on SIGTERM/SIGINT; running the
+same command again resumes it (:mod:`pipeline.checkpoint`).
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ from pathlib import Path
 
 import click
 
+from pipeline.checkpoint import checkpoint_for
 from pipeline.fit import FitConfig
-from pipeline.layout import run_dir
+from pipeline.layout import checkpoint_path, run_dir
 from pipeline.observations import read_prepared
 from pipeline.results import write_result
-from pipeline.settings import fit_settings, load_params
+from pipeline.runtime import handle_termination
+from pipeline.settings import checkpoint_every, fit_settings, load_params
 from pipeline.tracking import log_fits
 from stages.fit import run_fit
 from stages.options import key_values
@@ -49,7 +53,10 @@ def optimize_command(
     settings = fit_settings(params, task, method, image, variant, key_values(overrides))
     config = FitConfig.from_dict(settings)
     out = out_dir or run_dir(task, variant, image, method)
-    result = run_fit(problem, config)
+    handle_termination()
+    every = checkpoint_every(params)
+    checkpoint = checkpoint_for(checkpoint_path(out), [config], [problem.observation], every)
+    result = run_fit(problem, config, checkpoint)
     extra = {"image": image, "method": method, "variant": variant, "observation": meta}
     summary = write_result(out, problem, result, extra)
     if track:

@@ -12,7 +12,7 @@ import click
 import yaml
 
 from pipeline.degradations import TASKS
-from pipeline.fit import PRECISIONS
+from pipeline.runtime import PRECISIONS
 from pipeline.upsample import UPSAMPLE_KINDS
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import click
 
+from pipeline.checkpoint import checkpoint_for
 from pipeline.errors import UserError
 from pipeline.fit import FitConfig, fit_many, resolve_device
-from pipeline.layout import sweep_dir
+from pipeline.layout import checkpoint_path, sweep_dir
 from pipeline.observations import read_prepared
 from pipeline.results import write_result
-from pipeline.runtime import configure
-from pipeline.settings import fit_settings, load_params, section
+from pipeline.runtime import configure, handle_termination
+from pipeline.settings import checkpoint_every, fit_settings, load_params, section
 from pipeline.tracking import log_fits
 
 SWEPT_METHOD = {"lam": "lipschitz", "gauss_sigma": "gaussian"}
@@ -55,13 +56,16 @@ def sweep_command(kind: str, params_file: str, dvc_stage: str, track: bool) -> N
         for value in values
     ]
     configure(shared.threads, shared.precision, resolve_device(shared.device))
+    handle_termination()
+    outs = [sweep_dir(kind, value) for value in values]
     results = []
     for start in range(0, len(configs), batch):
         group = configs[start : start + batch]
         observations, cleans = [problem.observation] * len(group), [problem.clean] * len(group)
-        results += fit_many(observations, problem.task, group, cleans=cleans)
+        path = checkpoint_path(outs[start])
+        checkpoint = checkpoint_for(path, group, observations, checkpoint_every(params))
+        results += fit_many(observations, problem.task, group, cleans=cleans, checkpoint=checkpoint)
     extra = {"image": image, "method": method, "variant": variant, "observation": meta}
-    outs = [sweep_dir(kind, value) for value in values]
     summaries = [write_result(out, problem, r, extra) for out, r in zip(outs, results, strict=True)]
     if track:
         tags = {"profile": params.get("profile", "custom"), "dvc_stage": dvc_stage, "task": task}

@@ -20,11 +20,12 @@ import optuna
 
 from pipeline.errors import UserError
 from pipeline.fit import FitConfig, resolve_device
-from pipeline.layout import TUNED_VALUES, tuned_dir
+from pipeline.layout import CHECKPOINT_EVERY, TUNED_VALUES, tuned_dir
 from pipeline.observations import read_prepared
 from pipeline.problem import Problem, load_problem
-from pipeline.runtime import configure
+from pipeline.runtime import configure, handle_termination
 from pipeline.settings import (
+    checkpoint_every,
     fit_settings,
     load_params,
     standalone_settings,
@@ -74,13 +75,13 @@ def tune_command(task: str, image: str, **options: Any) -> None:
     tune = {name: value for name, value in tune_values(options).items() if value is not None}
     if options["ranges"]:
         tune["ranges"] = {k: _bounds(k, v) for k, v in key_values(options["ranges"]).items()}
-    path, section = Path(image), {}
+    path, section, every = Path(image), {}, CHECKPOINT_EVERY
     if path.is_file():
         problem, variant = _from_file(task, path, degradation, options)
         settings, name, tracking = standalone_settings(task, fit), path.stem, "standalone"
     else:
         params = load_params(options["params_file"])
-        section = _tune_section(params)
+        section, every = _tune_section(params), checkpoint_every(params)
         problem, _, variant = read_prepared(params, task, image, options["variant_value"])
         method = options["method"] or section.get("method") or "lipschitz"
         overrides = {**key_values(options["overrides"]), **fit}
@@ -92,6 +93,7 @@ def tune_command(task: str, image: str, **options: Any) -> None:
         raise UserError(f"tune batch must be an integer >= 1, got {batch!r}")
     base = FitConfig.from_dict(settings)
     configure(base.threads, base.precision, resolve_device(base.device))
+    handle_termination()
     where = {"task": task, "variant": variant, "image": name}
     out = options["out_dir"] or tuned_dir(task, variant, name)
     tags = {"profile": tracking, "dvc_stage": options["dvc_stage"]}
@@ -104,6 +106,7 @@ def tune_command(task: str, image: str, **options: Any) -> None:
         storage=options["storage"],
         study_name=options["study_name"],
         batch=batch,
+        checkpoint_every=every,
         tracking=tags if options["track"] else None,
         echo=click.echo,
     )

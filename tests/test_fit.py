@@ -63,12 +63,12 @@ def test_curves_have_one_row_per_measured_iteration(astronaut_64):
         "blur",
         "sharpness",
         "ratio",
-        "emv",
         *(f"fbc_{b}" for b in range(1, 6)),
     ):
         assert result.curves[name].shape == (12,)
         assert np.isfinite(result.curves[name]).all(), name
     assert np.isnan(result.curves["wmv"][:9]).all() and np.isfinite(result.curves["wmv"][9:]).all()
+    assert np.isnan(result.curves["emv"][0]) and np.isfinite(result.curves["emv"][1:]).all()
     assert ((result.curves["fbc_1"] >= 0) & (result.curves["fbc_1"] <= 1)).all()
 
 
