@@ -49,7 +49,7 @@ def bundled_folder() -> Path:
     return Path(skimage.data.__file__).parent
 
 
-def _verify(path: Path, expected: str, label: str, image_set: str) -> SourceImage:
+def _verify(path: Path, expected: str, label: str, image_set: str, name: str) -> SourceImage:
     if not path.is_file():
         raise UserError(f"image {label} not found at {path}")
     actual = sha256_of(path)
@@ -58,7 +58,7 @@ def _verify(path: Path, expected: str, label: str, image_set: str) -> SourceImag
             f"image {label} at {path} differs from the manifest (sha256 {actual[:12]}…, "
             f"expected {expected[:12]}…)"
         )
-    return SourceImage(Path(label).stem, path, actual, image_set)
+    return SourceImage(name, path, actual, image_set)
 
 
 def resolve_images(
@@ -66,49 +66,52 @@ def resolve_images(
     sets: str | list[str],
     names: list[str],
     manifest_path: str | os.PathLike[str] = MANIFEST,
+    suffixes: tuple[str, ...] = ("",),
 ) -> list[SourceImage]:
     """Locate and verify the images ``names`` of one task.
 
     ``data`` is params.yaml's ``data`` section: ``source`` (``bundled`` or ``folder``) and, for a
     folder, ``root``. ``sets`` are the task's folders in the manifest (e.g.
     ``[deblocking/classic5, deblocking/LIVE1]``), searched for each name; bundled images are
-    looked up by name alone.
+    looked up by name alone. The file of name ``x`` is the first of ``x + suffix`` found for
+    ``suffix`` in ``suffixes`` (masks: ``("_mask", "")``, so ``vase_mask.png`` is the mask of
+    ``vase`` even beside ``vase.png``); the returned images carry the names asked for.
     """
     manifest = load_yaml(manifest_path)
     source = data.get("source", "bundled")
+    # name → (file, sha256, label, set) of every image that may be asked for
+    files: dict[str, tuple[Path, str, str, str]] = {}
     if source == "bundled":
-        entries = {e["name"]: e for e in manifest["bundled"]["files"]}
         folder = bundled_folder()
-        found = []
-        for name in names:
-            if name not in entries:
-                raise UserError(
-                    f"image {name!r} is not a bundled image; bundled: {', '.join(sorted(entries))}"
-                )
-            entry = entries[name]
-            found.append(_verify(folder / entry["file"], entry["sha256"], name, "bundled"))
-        return found
-    if source != "folder":
+        for entry in manifest["bundled"]["files"]:
+            name = entry["name"]
+            files[name] = (folder / entry["file"], entry["sha256"], name, "bundled")
+        where = "the bundled images"
+    elif source == "folder":
+        root = data.get("root")
+        if not root:
+            raise UserError("params.yaml data.root must name the folder of the paper's data sets")
+        root_path = Path(root).expanduser()
+        if not root_path.is_dir():
+            raise UserError(f"data root {root_path} is not a folder")
+        wanted = [sets] if isinstance(sets, str) else list(sets)
+        for entry in manifest["paper"]["files"]:
+            folder_name, _, file = entry["path"].rpartition("/")
+            if folder_name in wanted:
+                path = root_path / entry["path"]
+                value = (path, entry["sha256"], entry["path"], folder_name)
+                files.setdefault(Path(file).stem, value)
+        where = f"the manifest's {', '.join(wanted)}"
+    else:
         raise UserError(f"params.yaml data.source must be 'bundled' or 'folder', got {source!r}")
-    root = data.get("root")
-    if not root:
-        raise UserError("params.yaml data.root must name the folder of the paper's data sets")
-    root_path = Path(root).expanduser()
-    if not root_path.is_dir():
-        raise UserError(f"data root {root_path} is not a folder")
-    wanted = [sets] if isinstance(sets, str) else list(sets)
-    entries: dict[str, tuple[str, dict[str, str]]] = {}
-    for entry in manifest["paper"]["files"]:
-        folder, _, file = entry["path"].rpartition("/")
-        if folder in wanted:
-            entries.setdefault(Path(file).stem, (folder, entry))
     found = []
     for name in names:
-        if name not in entries:
-            raise UserError(
-                f"image {name!r} is not in the manifest's {', '.join(wanted)}; "
-                f"known: {', '.join(sorted(entries))}"
-            )
-        folder, entry = entries[name]
-        found.append(_verify(root_path / entry["path"], entry["sha256"], entry["path"], folder))
+        key = _first_of(files, name, suffixes)
+        if key is None:
+            raise UserError(f"image {name!r} is not in {where}; known: {', '.join(sorted(files))}")
+        found.append(_verify(*files[key], name))
     return found
+
+
+def _first_of(entries: dict[str, Any], name: str, suffixes: tuple[str, ...]) -> str | None:
+    return next((name + s for s in suffixes if name + s in entries), None)

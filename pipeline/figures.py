@@ -145,6 +145,24 @@ def restorations(evaluation: pd.DataFrame, method: str) -> Figure:
     return restoration_grid(rows)
 
 
+def qualitative(evaluation: pd.DataFrame, task: str, image_set: str, method: str) -> Figure:
+    """:func:`restoration_grid` of every fit of ``method`` on the images of ``image_set`` in
+    ``task`` (e.g. the paper's region inpainting, whose holes have no ground truth)."""
+    fits = evaluation[
+        (evaluation["task"] == task)
+        & (evaluation["set"] == image_set)
+        & (evaluation["method"] == method)
+    ]
+    if fits.empty:
+        raise UserError(f"no fit of method {method!r} on the {image_set!r} images of {task!r}")
+    rows = []
+    for _, fit in fits.sort_values("image").iterrows():
+        folder = run_dir(task, fit["variant"], fit["image"], method)
+        images = (folder / name for name in ("observation.png", "restored_stop.png", "clean.png"))
+        rows.append((fit["image"], *images))
+    return restoration_grid(rows)
+
+
 def stop_figure(evaluation: pd.DataFrame, task: str, method: str) -> Figure:
     """:func:`automatic_stop` of the first fit of ``method`` on ``task``."""
     fit = first_fit(evaluation, task, method)

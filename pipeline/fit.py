@@ -39,6 +39,7 @@ from pipeline.stopping import StoppingConfig
 if TYPE_CHECKING:
     from pipeline.checkpoint import Checkpoint
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 MEMBER_SETTINGS = ("seed", "lam", "gauss_sigma")
 """Settings that may differ between the members of one fit engine; all others must agree."""
 
@@ -64,7 +65,8 @@ class FitConfig:
     do), as it does ``threads``. On the CPU ``fp32`` and ``tf32`` are the same float32 fit.
     ``channels_last`` (the default) stores activations NHWC, faster on this project's CPU at every
     size measured (64² width 32 to 512² width 128); ``compile`` runs the network through
-    ``torch.compile``.
+    ``torch.compile`` in ``compile_mode`` (``reduce-overhead`` replays CUDA graphs of the network's
+    forward and backward, ``max-autotune`` also searches kernels).
     """
 
     model: DecoderConfig = field(default_factory=DecoderConfig)
@@ -85,6 +87,7 @@ class FitConfig:
     precision: str = "tf32"
     channels_last: bool = True
     compile: bool = False
+    compile_mode: str = "default"
 
     def __post_init__(self) -> None:
         integers = ("iterations", "seed", "measure_every", "log_every", "fbc_bands", "threads")
@@ -108,6 +111,7 @@ class FitConfig:
             "backtrack_drop_db": self.backtrack_drop_db > 0,
             "psnr_protocol": self.psnr_protocol in PSNR_PROTOCOLS,
             "precision": self.precision in PRECISIONS,
+            "compile_mode": self.compile_mode in COMPILE_MODES,
             "threads": self.threads >= 0,
         }
         for name, ok in checks.items():
@@ -320,7 +324,8 @@ class FitState:
         if len(backtracks) > 1:
             raise UserError("the members' tasks differ in backtracking; set backtrack explicitly")
         cfg = self.base
-        settings = NetworkSettings(cfg.input_noise, cfg.precision, cfg.channels_last, cfg.compile)
+        compile_mode = cfg.compile_mode if cfg.compile else None
+        settings = NetworkSettings(cfg.input_noise, cfg.precision, cfg.channels_last, compile_mode)
         self.network = build_network(self.configs, settings, shape, dev)
         self.optimizer = torch.optim.Adam(self.network.parameters(), lr=cfg.lr)
         self.backtracking = (

@@ -126,13 +126,28 @@ def _ritz(rows: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
     return ritz_values[..., -1], q @ ritz_vectors[..., -basis.shape[-1] :]
 
 
-def _certify(rows: Tensor, tau: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
+def _certify(
+    rows: Tensor, tau: Tensor, basis: Tensor, sync_free: bool | None = None
+) -> tuple[Tensor, Tensor]:
     """τ where τI − G ≻ 0 proves λ_max(G) ≤ τ; elsewhere λ_max(G) and the basis from ``eigh``
-    (steps 2–3 of the module docstring). ``tau`` (b,) float64; returns ``(tau, basis)``."""
+    (steps 2–3 of the module docstring). ``tau`` (b,) float64; returns ``(tau, basis)``.
+
+    On the CPU only the failed matrices go to ``eigh``, which needs the host to read which failed.
+    On an accelerator (``sync_free``, the default there) every matrix goes to one batched
+    ``eigh`` and the results are chosen on the device: no host synchronisation, at the cost of
+    an ``eigh`` per certificate, which runs every :data:`CERTIFY_EVERY` forwards only.
+    """
     G = _gram(rows).to(torch.float64)
     shifted = -G
     shifted.diagonal(dim1=-2, dim2=-1).add_(tau.unsqueeze(-1))
     failed = ~_positive_definite(shifted)
+    if sync_free is None:
+        sync_free = rows.device.type != "cpu"
+    if sync_free:
+        evals, evecs = torch.linalg.eigh(G)
+        tau = torch.where(failed, evals[:, -1].clamp(min=0.0), tau)
+        top = evecs[..., -basis.shape[-1] :].to(basis.dtype)
+        return tau, torch.where(failed.view(-1, 1, 1), top, basis)
     # The one data-dependent branch. Under torch.func.vmap the custom op below hands this function
     # the whole batch as a plain tensor, so the branch never sees a batched tensor.
     if bool(failed.any()):

@@ -185,8 +185,10 @@ class VarianceTracker(Tracker):
 
     WMV over the last W outputs x_1..x_W: ``mean over pixels of (1/W Σ x_i² − x̄²)``, from running
     sums in float64; EMV: ``v ← (1 − α) v + α (1 − α) mean((x − m)²)``, ``m ← (1 − α) m + α x``
-    from ``m = x_0``, ``v = 0``. The first output has no EMV (NaN): its 0 would otherwise be the
-    minimum forever and ES-EMV would always stop at iteration 0.
+    from ``m = x_0``, ``v = 0``, recorded bias-corrected as ``v_t / (1 − (1 − α)^t)`` (as Adam's
+    moments): started from 0, the plain average is smallest at the first measurements, and
+    ES-EMV, which stops at the minimum, stopped every fit at iteration 0 or 1. The first output
+    has no EMV (NaN).
     """
 
     def __init__(self, stopping: StoppingConfig, shape: tuple[int, ...], device: torch.device):
@@ -223,7 +225,7 @@ class VarianceTracker(Tracker):
         dev2 = (x - self.ema).square().mean(dims)
         self.emv = (1 - a) * self.emv + a * (1 - a) * dev2
         self.ema = (1 - a) * self.ema + a * x
-        return wmv, self.emv
+        return wmv, self.emv / (1 - (1 - a) ** row)
 
 
 class FitMonitor:

@@ -52,7 +52,13 @@ class NetworkSettings:
     input_noise: float
     precision: str
     channels_last: bool
-    compile: bool
+    compile_mode: str | None
+    """``torch.compile``'s mode, or None for an eager network."""
+
+
+def compiled(network: Any, mode: str | None) -> Any:
+    """``network`` through ``torch.compile`` in ``mode``; itself when ``mode`` is None."""
+    return network if mode is None else torch.compile(network, mode=mode)
 
 
 def init_member(
@@ -93,7 +99,7 @@ class SingleNetwork:
         if settings.channels_last:
             self.model.to(memory_format=torch.channels_last)
             self.z = self.z.contiguous(memory_format=torch.channels_last)
-        self.network = torch.compile(self.model) if settings.compile else self.model
+        self.network = compiled(self.model, settings.compile_mode)
 
     def parameters(self) -> list[Tensor]:
         return list(self.model.parameters())
@@ -180,7 +186,7 @@ class StackedNetwork:
         self.noise = [generator for _, _, generator in built]
         self.forwards = 0
         network = vmap(self._member_forward)
-        self._network = torch.compile(network) if settings.compile else network
+        self._network = compiled(network, settings.compile_mode)
 
     def _controlled_layers(self, models: list[Decoder]) -> list[_ControlledLayer]:
         layers = []

@@ -3,7 +3,8 @@
 Reads ``aggregate``, ``sweeps`` and ``methods`` from params.yaml, ``results/evaluation.csv``,
 ``results/fbc.csv``, the sweep runs and ``dataset/published.yaml``. Writes
 ``results/tables/<task>.{csv,md}``, ``results/phenomena.{json,md}`` and
-``results/figures/{lambda_sweep,sigma_sweep,automatic_stop,restorations}.png``.
+``results/figures/{lambda_sweep,sigma_sweep,automatic_stop,restorations}.png`` and
+``results/figures/qualitative/<name>.png`` for each entry of ``aggregate.qualitative``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import click
 
 from pipeline.evaluation import EVALUATION_CSV, FBC_CSV
-from pipeline.figures import restorations, save_figure, stop_figure, sweep_figures
+from pipeline.figures import qualitative, restorations, save_figure, stop_figure, sweep_figures
 from pipeline.imageio import write_bytes_atomic
 from pipeline.layout import FIGURES, RESULTS, TABLES
 from pipeline.phenomena import PHENOMENA_JSON, PHENOMENA_MD, phenomena, phenomena_markdown
@@ -21,6 +22,8 @@ from pipeline.tables import PUBLISHED, markdown, read_csv, task_table, write_csv
 from pipeline.tracking import stage_run
 
 SUMMARY_EXPERIMENT = "summary"
+QUALITATIVE = "qualitative"
+"""Folder of ``results/figures`` for image sets shown, not scored (``aggregate.qualitative``)."""
 
 
 @click.command("aggregate")
@@ -51,6 +54,11 @@ def aggregate_command(params_file: str, track: bool) -> None:
         # The stop is shown for the method whose stop the phenomena check judges.
         "automatic_stop": stop_figure(fits, checked["task"], checked["controlled"]),
     }
+    for name, shown in (settings.get("qualitative") or {}).items():
+        figures[f"{QUALITATIVE}/{name}"] = qualitative(
+            fits, shown["task"], shown["set"], settings["grid_method"]
+        )
+    (FIGURES / QUALITATIVE).mkdir(parents=True, exist_ok=True)
     for name, figure in figures.items():
         save_figure(figure, FIGURES / f"{name}.png")
     if track:

@@ -2,7 +2,8 @@
 
 Reads ``data``, ``tasks.TASK.images`` and ``tasks.TASK.observe`` from params.yaml: the task's
 degradation parameters (those of its :class:`~pipeline.degradations.Degradation`), the values of
-its variant (σ, JPEG quality, SR factor), the image ``set`` folders and ``masks``, ``channels``, and
+its variant (σ, JPEG quality, SR factor), the image ``set`` folders and ``masks`` folders (the mask
+of image ``x`` is ``x_mask.*`` or ``x.*`` there), ``channels``, and
 ``resize``/``crop`` winning over ``data``'s. Writes ``data/prepared/TASK/<variant>/<image>/`` for
 every variant and image (:mod:`pipeline.observations`).
 """
@@ -35,7 +36,8 @@ def prepare_command(task: str, params_file: str, out_root: str) -> None:
     images = resolve_images(data, observe.get("set", task), names)
     masks = None
     if cls.takes_mask and observe.get("masks"):
-        masks = {m.name: m for m in resolve_images(data, observe["masks"], names)}
+        found = resolve_images(data, observe["masks"], names, suffixes=("_mask", ""))
+        masks = {mask.name: mask for mask in found}
     base = {k: observe[k] for k in cls.parameters() if k in observe and k not in cls.files}
     count = 0
     for value in task_variants(params, task):

@@ -11,6 +11,7 @@ from pipeline.errors import UserError
 from pipeline.evaluation import evaluation_frame
 from pipeline.figures import (
     automatic_stop,
+    qualitative,
     restoration_grid,
     restorations,
     save_figure,
@@ -107,6 +108,23 @@ def test_restorations_show_each_task_first_fit_of_the_method(runs):
     for axis, name in zip(axes[:3], ("observation", "restored_stop", "clean"), strict=True):
         with Image.open(folder / f"{name}.png") as image:
             assert np.array_equal(axis.images[0].get_array(), np.asarray(image))
+
+
+def test_qualitative_figure_shows_every_image_of_its_set(runs, astronaut_64, tmp_path):
+    problem = denoising_problem(tmp_path / "source", astronaut_64)
+    curves = hand_curves(PSNR, EVERY, RATIO)
+    for image in ("vase", "library"):
+        key = ("inpainting", "default", image, "gaussian")
+        write_run(runs, key, problem, curves, None, image_set="inpainting")
+    figure = qualitative(evaluation_frame(runs), "inpainting", "inpainting", "gaussian")
+    titles = [axis.get_title() for axis in figure.axes]
+    assert titles == [
+        f"{image}: {name}"
+        for image in ("library", "vase")  # sorted; chelsea (set "bundled") is not shown
+        for name in ("observation", "ours (stop)", "clean")
+    ]
+    with pytest.raises(UserError, match="'region'"):
+        qualitative(evaluation_frame(runs), "inpainting", "region", "gaussian")
 
 
 def test_restoration_grid_of_given_files(runs, tmp_path):

@@ -121,6 +121,42 @@ def test_positive_definite_test_is_exact_at_the_boundary(size: int) -> None:
         assert lipschitz._positive_definite(shifted).tolist() == [expected] * 3
 
 
+def test_the_sync_free_certificate_gives_the_host_branch_results() -> None:
+    """The accelerator's form (every matrix through eigh, chosen on the device) equals the CPU's
+    (only the failed ones), for a batch where some certificates pass and some fail."""
+    torch.manual_seed(3)
+    rows = torch.randn(4, 6, 20)
+    exact = torch.linalg.matrix_norm(rows.double(), ord=2) ** 2
+    tau = exact * torch.tensor(
+        [1.001, 0.9, 1.2, 0.5], dtype=torch.float64
+    )  # pass, fail, pass, fail
+    basis = torch.linalg.qr(torch.randn(4, 6, 2))[0]
+    host = lipschitz._certify(rows, tau, basis, sync_free=False)
+    device = lipschitz._certify(rows, tau, basis, sync_free=True)
+    torch.testing.assert_close(device[0], host[0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(device[1], host[1], rtol=0, atol=1e-6)
+    assert torch.equal(host[0][[0, 2]], tau[[0, 2]])  # passed: kept
+    torch.testing.assert_close(host[0][[1, 3]], exact[[1, 3]], rtol=1e-6, atol=0)  # failed: exact
+
+
+def test_sigma_is_estimated_in_float32_or_wider_under_bfloat16_autocast() -> None:
+    """A bfloat16 autocast (``precision: bf16``) must not reach σ̂: eigh has no bfloat16 kernel on
+    CUDA, and bfloat16's 3 significant digits would break the 1e-4 bound."""
+    torch.manual_seed(0)
+    layer = LipschitzConv2d(8, 12, 3, lam=0.5)
+    x = torch.randn(1, 8, 9, 11)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for _ in range(3):
+            layer(x)
+        (sigma,) = sigma_estimates([layer], certify=True)
+    assert sigma.dtype == torch.float64 and layer.basis.dtype == torch.float32
+    exact = exact_sigma(layer.weight)
+    assert exact <= sigma.item() <= exact * (1 + 5e-5 + 1e-6)
+    bf16_weight = [layer.weight.detach().to(torch.bfloat16)]
+    sigmas, bases = lipschitz.spectral_norms(bf16_weight, [layer.basis], [5e-5], True)
+    assert sigmas[0].dtype == torch.float64 and bases[0].dtype == torch.float32
+
+
 def test_top_singular_value_batches_under_vmap() -> None:
     generator = torch.Generator().manual_seed(2)
     matrices = torch.randn(4, 3, 5, 12, generator=generator)

@@ -33,12 +33,12 @@ def wmv_loop(outputs: np.ndarray, window: int) -> list[float]:
 
 
 def emv_loop(outputs: np.ndarray, alpha: float) -> list[float]:
-    """ES-EMV's exponential variance, literally (NaN for the first output)."""
+    """ES-EMV's exponential variance, literally, bias-corrected (NaN for the first output)."""
     mean, var, values = outputs[0], 0.0, [float("nan")]
-    for x in outputs[1:]:
+    for t, x in enumerate(outputs[1:], start=1):
         var = (1 - alpha) * var + alpha * (1 - alpha) * float(((x - mean) ** 2).mean())
         mean = (1 - alpha) * mean + alpha * x
-        values.append(var)
+        values.append(var / (1 - (1 - alpha) ** t))
     return values
 
 
