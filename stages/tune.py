@@ -50,6 +50,7 @@ from pipeline.settings import (
     variant_name,
     write_params_atomic,
 )
+from pipeline.storage import redact, resolve_storage
 from pipeline.tracking import client, experiment_id, git_commit, log_fit_run, repo_root
 from pipeline.tuning import (
     BASELINE_ATTR,
@@ -60,8 +61,6 @@ from pipeline.tuning import (
     as_fit_settings,
     best_values,
     open_study,
-    redact,
-    resolve_storage,
     run_trials,
     study_report,
     suggest,

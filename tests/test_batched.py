@@ -21,12 +21,12 @@ from pipeline.degradations import Denoising, Inpainting
 from pipeline.errors import UserError
 from pipeline.fit import FitConfig, FitResult, fit
 from pipeline.problem import Problem
+from pipeline.storage import resolve_storage
 from pipeline.tuning import (
     Objective,
     TrialOutcome,
     TuneConfig,
     open_study,
-    resolve_storage,
     study_report,
 )
 from stages.tune import run_trials_batched
