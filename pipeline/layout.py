@@ -7,6 +7,7 @@ The data flow in one direction, one folder per step::
     runs/sweeps/<kind>/<value>/                     sweep: one member of a λ or σ sweep
     tuned/<task>/<variant>/<image>/                 tune: values.yaml, trials.csv, summary.json
     results/                                        fbc, evaluate, aggregate: tables and figures
+    jobs/                                           sdip launch: SLURM job logs, the launch record
 
 Every stage and library function that names one of these folders asks this module for it.
 """
@@ -23,6 +24,7 @@ RESULTS = Path("results")
 FIGURES = RESULTS / "figures"
 TABLES = RESULTS / "tables"
 TUNED_VALUES = "values.yaml"
+JOBS = Path("jobs")
 
 
 def prepared_dir(task: str, variant: str, image: str, root: Path = PREPARED) -> Path:
