@@ -57,6 +57,7 @@ import submitit
 from pipeline.errors import UserError
 from pipeline.layout import JOBS
 from pipeline.storage import has_password, redact
+from pipeline.tracking import SQLITE_PREFIX, tracking_uri
 
 if TYPE_CHECKING:
     from dvc.repo import Repo
@@ -236,11 +237,10 @@ class CommandBatch(submitit.helpers.Checkpointable):
 
 @dataclass
 class LaunchReport:
-    """What one :func:`launch` did: stages submitted, committed, failed (with their logs),
-    still running, and waiting for an upstream stage."""
+    """What one :func:`launch` did: stages submitted (for ``local``: run by ``dvc repro``),
+    failed (with their logs), still running, and waiting for an upstream stage."""
 
     submitted: list[str] = field(default_factory=list)
-    committed: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     running: list[str] = field(default_factory=list)
     waiting: list[str] = field(default_factory=list)
@@ -422,15 +422,13 @@ def collect(root: Path, record: Record, report: LaunchReport, echo: Echo) -> Non
     for stage, lines in sorted(errors.items()):
         report.failed[stage] = "; ".join(lines)
         echo(f"FAILED: {stage}: {report.failed[stage]}")
-    report.committed.extend(done)
 
 
 def make_executor(root: Path, config: ExecutorConfig) -> submitit.SlurmExecutor:
     """submitit's SLURM executor with params.yaml's resources; one log per job (stderr in it)."""
     executor = submitit.SlurmExecutor(folder=root / JOBS / JOB_FOLDER)
-    executor.update_parameters(
-        **{"job_name": "sdip", "stderr_to_stdout": True, **config.slurm},
-    )
+    chosen = {k: v for k, v in config.slurm.items() if v is not None}
+    executor.update_parameters(**{"job_name": "sdip", "stderr_to_stdout": True, **chosen})
     return executor
 
 
@@ -506,11 +504,38 @@ def submit(
     record.save()
 
 
-def upstream(repo: Repo, stage: PipelineStage) -> set[PipelineStage]:
-    """Every stage ``stage`` depends on, directly or not (DVC's graph points at dependencies)."""
-    import networkx as nx
+@dataclass(frozen=True)
+class Plan:
+    """The selected cluster stages, the cluster stages each waits for, and the other stages
+    upstream of them (the ``prepare`` stages, reproduced here)."""
 
-    return nx.descendants(repo.index.graph, stage)
+    stages: dict[str, PipelineStage]
+    needs: dict[str, set[str]]
+    prepare: list[str]
+
+    @classmethod
+    def of(cls, root: Path, patterns: tuple[str, ...]) -> Plan:
+        import networkx as nx
+
+        repo = _open_repo(root)
+        try:
+            chosen = selected_stages(repo, patterns)
+            # DVC's graph points from a stage to the stages it depends on.
+            above = {s.addressing: nx.descendants(repo.index.graph, s) for s in chosen}
+        finally:
+            repo.close()
+        needs = {n: {u.addressing for u in ups if is_cluster_stage(u)} for n, ups in above.items()}
+        others = {u.addressing for ups in above.values() for u in ups if not is_cluster_stage(u)}
+        return cls({s.addressing: s for s in chosen}, needs, sorted(others))
+
+    def ready(self, stale: set[str], running: set[str], failed: set[str]) -> list[str]:
+        """The out-of-date stages to submit now: not running, not failed in this launch, and
+        with no upstream cluster stage out of date or running."""
+        return sorted(
+            n
+            for n in self.stages
+            if n in stale and n not in running | failed and not self.needs[n] & (stale | running)
+        )
 
 
 def launch(
@@ -524,51 +549,44 @@ def launch(
 ) -> LaunchReport:
     """Bring the selected optimize, sweep and tune stages up to date (module docstring).
 
-    ``local`` runs ``dvc repro`` of them here. ``slurm`` collects earlier jobs, runs the
-    upstream non-cluster stages, submits the ready out-of-date stages and, with ``wait``,
-    waits, collects and submits the next wave until none is left.
+    ``local`` runs ``dvc repro`` of them here. ``slurm`` collects earlier jobs, reproduces the
+    ``prepare`` stages, submits the ready out-of-date stages and, with ``wait``, waits, collects
+    and submits the next wave until none is left.
     """
     config = ExecutorConfig.from_dict(params.get("executor"))
     kind = kind or config.kind
     if kind not in KINDS:
         raise UserError(f"executor kind {kind!r} is not one of {', '.join(KINDS)}")
+    plan = Plan.of(root, patterns)
     report = LaunchReport()
-    repo = _open_repo(root)
-    try:
-        stages = selected_stages(repo, patterns)
-        before = {s.addressing: upstream(repo, s) for s in stages}
-    finally:
-        repo.close()
-    names = [s.addressing for s in stages]
-    by_name = {s.addressing: s for s in stages}
-    needs = {n: {u.addressing for u in ups if is_cluster_stage(u)} for n, ups in before.items()}
-    prepare = sorted(
-        {u.addressing for ups in before.values() for u in ups} - set().union(*needs.values())
-    )
     if kind == "local":
-        echo(f"dvc repro {' '.join(names)}")
+        report.submitted = list(plan.stages)
         if not dry_run:
-            _run_dvc(root, ["repro", *names], "dvc repro")
-            report.committed = names
+            _run_dvc(root, ["repro", *plan.stages], "dvc repro")
         return report
+    if tracking_uri(root).startswith(SQLITE_PREFIX):
+        echo(
+            "warning: the jobs will share the SQLite store mlflow.db through the file system; "
+            "set MLFLOW_TRACKING_URI to a tracking server (docs/cluster.md)"
+        )
     with _exclusive(root):
         record = Record(root)
         if not dry_run:
             collect(root, record, report, echo)
-            if prepare:
-                _run_dvc(root, ["repro", *prepare], "reproducing the prepare stages")
+            if plan.prepare:
+                _run_dvc(root, ["repro", *plan.prepare], "reproducing the prepare stages")
         while True:
-            stale = out_of_date(root)
-            running = record.running()
-            blocked = {n for n in names if n in stale and needs[n] & (stale | running)}
-            ready = sorted(stale.intersection(names) - running - blocked - set(report.failed))
-            report.running = sorted(running.intersection(names))
-            report.waiting = sorted(blocked - running)
+            stale, running = out_of_date(root), record.running()
+            ready = plan.ready(stale, running, set(report.failed))
+            report.running = sorted(running.intersection(plan.stages))
+            report.waiting = sorted(
+                n for n in plan.stages if n in stale and n not in {*running, *ready, *report.failed}
+            )
             if dry_run:
                 report.submitted = ready
                 return report
             if ready:
-                submit(root, [by_name[n] for n in ready], config, params, record, echo)
+                submit(root, [plan.stages[n] for n in ready], config, params, record, echo)
                 report.submitted.extend(ready)
             if not wait or not record.jobs:
                 return report

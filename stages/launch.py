@@ -44,5 +44,5 @@ def launch_command(
             f"{len(report.failed)} stage(s) failed (logs above); fix the cause and run "
             "`sdip launch` again to resubmit only them"
         )
-    if report.committed and not dry_run:
-        click.echo(f"{len(report.committed)} stage(s) up to date; `dvc repro` runs the rest")
+    if not dry_run and not (report.running or report.waiting):
+        click.echo("the selected stages are up to date; `dvc repro` runs the rest")
