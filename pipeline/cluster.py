@@ -564,6 +564,8 @@ def launch(
         if not dry_run:
             _run_dvc(root, ["repro", *plan.stages], "dvc repro")
         return report
+    if shutil.which("sbatch") is None:
+        raise UserError("sbatch not found: executor slurm runs on a SLURM login node")
     if tracking_uri(root).startswith(SQLITE_PREFIX):
         echo(
             "warning: the jobs will share the SQLite store mlflow.db through the file system; "

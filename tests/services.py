@@ -38,6 +38,8 @@ POSTGRES_PACKAGES = "apt-get install postgresql"
 START_TIMEOUT_S = 60
 MLFLOW_TIMEOUT_S = 180
 """The MLflow server migrates a fresh database's schema first: tens of seconds on 2 cores."""
+STOP_TIMEOUT_S = 5
+"""Test servers get SIGKILL after this: the MLflow server's graceful shutdown can wait 20 s."""
 DB_USER = "sdip"
 NODE = "localhost"
 
@@ -69,7 +71,7 @@ def stop(process: subprocess.Popen) -> None:
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGTERM)
         try:
-            process.wait(20)
+            process.wait(STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()

@@ -25,7 +25,7 @@ from pipeline.cluster import Command, CommandBatch, ExecutorConfig, make_executo
 from pipeline.errors import UserError
 from pipeline.settings import load_yaml
 from pipeline.storage import resolve_storage
-from tests.test_pipeline_e2e import ITERATIONS, ran_stages, run, shrink
+from tests.test_pipeline_e2e import ITERATIONS, make_repo, ran_stages, run, shrink
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC = Path(sys.executable).parent / "dvc"
@@ -74,8 +74,6 @@ def edit_params(repo: Path, change) -> None:
 
 @pytest.fixture(scope="module")
 def cluster_repo(tmp_path_factory, slurm, postgres, mlflow_server, monkeypatch_module) -> Path:
-    from tests.test_pipeline_e2e import make_repo
-
     params = shrink(load_yaml(ROOT / "profiles" / "cpu.yaml"))
     params["executor"].update(
         kind="slurm",
@@ -105,6 +103,16 @@ def test_executor_settings_are_checked():
         ExecutorConfig.from_dict({"kind": "cloud"})
     config = ExecutorConfig.from_dict(load_yaml(ROOT / "params.yaml")["executor"])
     assert (config.kind, config.stages_per_job, config.study_workers) == ("local", 1, 1)
+
+
+def test_local_executor_is_dvc_repro_and_a_pattern_must_match(tmp_path: Path):
+    repo = make_repo(tmp_path, shrink(load_yaml(ROOT / "profiles" / "cpu.yaml")))
+    output = sdip(repo, "launch", "--dry-run", "--stages=sweep_*", "--stages=*@25-astronaut-dip")
+    assert (
+        "would submit 3: optimize_denoising@25-astronaut-dip, sweep_lambda, sweep_sigma" in output
+    )
+    output = sdip(repo, "launch", "--stages=optimise_*", fails=True)
+    assert output == "error: no optimize, sweep or tune stage matches optimise_*\n"
 
 
 def test_four_fits_run_as_slurm_jobs_and_dvc_records_them(cluster_repo: Path):
