@@ -220,16 +220,21 @@ def test_runs_log_to_the_mlflow_server_and_no_password_is_written(
 
     secret = postgres.password
     every_run = [
-        run
+        found
         for experiment in client.search_experiments()
-        for run in client.search_runs([experiment.experiment_id])
+        for found in client.search_runs([experiment.experiment_id])
     ]
     assert len(every_run) > len(runs)  # the study's runs (tune-denoising) are checked too
-    for run_ in every_run:
-        values = [*run_.data.params.values(), *run_.data.tags.values()]
-        assert not [v for v in values if secret in v], run_.info.run_name
-    study_names = optuna.get_all_study_names(resolve_storage(postgres.url("optuna")))
-    assert study_names
+    for found in every_run:
+        values = [*found.data.params.values(), *found.data.tags.values()]
+        assert not [v for v in values if secret in v], found.info.run_name
+    storage = resolve_storage(postgres.url("optuna"))
+    names = optuna.get_all_study_names(storage)
+    studies = [optuna.load_study(study_name=name, storage=storage) for name in names]
+    assert studies
+    for study in studies:
+        attrs = [study.user_attrs] + [[t.user_attrs, t.system_attrs] for t in study.trials]
+        assert secret not in json.dumps(attrs, default=str), study.study_name
     for path in cluster_repo.rglob("*"):
         if path.is_file() and ".git" not in path.parts:
             assert secret.encode() not in path.read_bytes(), path
