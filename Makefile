@@ -12,7 +12,7 @@ $(BIN)/sdip: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[pipeline,dev]"
+	$(BIN)/pip install --quiet -e ".[pipeline,dev,cluster]"
 	touch $@
 
 setup: $(BIN)/sdip

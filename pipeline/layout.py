@@ -8,6 +8,7 @@ The data flow in one direction, one folder per step::
     tuned/<task>/<variant>/<image>/                 tune: values.yaml, trials.csv, summary.json
     results/                                        fbc, evaluate, aggregate: tables and figures
     .checkpoints/<output>.pt                        a running fit's state (pipeline.checkpoint)
+    jobs/                                           sdip launch: SLURM job logs, the launch record
 
 Every stage and library function that names one of these folders asks this module for it.
 """
@@ -27,6 +28,7 @@ TUNED_VALUES = "values.yaml"
 CHECKPOINTS = Path(".checkpoints")
 CHECKPOINT_EVERY = 500
 """Iterations between two checkpoints unless params.yaml's ``checkpoints.every`` says otherwise."""
+JOBS = Path("jobs")
 
 
 def prepared_dir(task: str, variant: str, image: str, root: Path = PREPARED) -> Path:

@@ -22,6 +22,7 @@ from pipeline.layout import TUNED_VALUES, checkpoint_path
 from pipeline.problem import Problem
 from pipeline.results import write_json
 from pipeline.settings import write_params_atomic
+from pipeline.storage import redact, resolve_storage
 from pipeline.study_tracking import StudyTracker
 from pipeline.tuning import (
     BASELINE_ATTR,
@@ -30,8 +31,6 @@ from pipeline.tuning import (
     TuneConfig,
     best_values,
     open_study,
-    redact,
-    resolve_storage,
     run_trials,
     study_report,
 )

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 BATCH_LIMIT = 1000
 RUN_ARTIFACTS = ("restored_stop.png", "restored_final.png", "restored_best.png", "observation.png")
 SQLITE_PREFIX = "sqlite:///"
+SERVER_PREFIXES = ("http://", "https://")
 DVC_EXPERIMENT_WORKSPACES = os.path.join(".dvc", "tmp", "exps")
 
 
@@ -83,11 +84,14 @@ def client(root: Path | None = None) -> MlflowClient:
 
 
 def experiment_id(mlflow: MlflowClient, name: str, root: Path | None = None) -> str:
-    """Get or create the experiment ``name``, its artifacts under ``<repo>/mlartifacts``."""
+    """Get or create the experiment ``name``, its artifacts under ``<repo>/mlartifacts``; with a
+    tracking server (``http(s)://``) in the server's artifact store, which clients reach through
+    the server (docs/cluster.md)."""
     found = mlflow.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
-    location = ((root or repo_root()) / "mlartifacts" / name).as_uri()
+    served = tracking_uri(root).startswith(SERVER_PREFIXES)
+    location = None if served else ((root or repo_root()) / "mlartifacts" / name).as_uri()
     try:
         return mlflow.create_experiment(name, artifact_location=location)
     except Exception:

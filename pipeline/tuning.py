@@ -17,10 +17,9 @@ Intermediate values (the current oracle or held-out PSNR every ``log_every`` ite
 reported to the trial, so a pruner (median by default) can end hopeless trials early; a pruned
 trial keeps its partial curves and is counted as such.
 
-Storage (:func:`resolve_storage`): ``sqlite:///<repo>/optuna.db`` by default, ``journal:PATH`` for
-a journal file several worker processes on one machine can share, ``memory`` for a throw-away
-study, any other URL (``postgresql://…``) passed to Optuna unchanged. Studies are resumable; a
-study remembers the settings it was made with and refuses to continue under others.
+Storage: :func:`pipeline.storage.resolve_storage` (SQLite by default, a journal file, memory, or
+a database server shared by workers on several machines). Studies are resumable; a study
+remembers the settings it was made with and refuses to continue under others.
 """
 
 from __future__ import annotations
@@ -51,7 +50,7 @@ from pipeline.fit import FitConfig, MemberView, fit_many
 from pipeline.layout import CHECKPOINT_EVERY
 from pipeline.problem import Problem
 from pipeline.results import FitResult
-from pipeline.tracking import repo_root
+from pipeline.storage import fail_stale, heartbeat, redact
 
 OBJECTIVES = ("oracle", "holdout")
 SEARCHABLE = ("lam", "lr", "gauss_sigma")
@@ -63,8 +62,6 @@ DEFAULT_RANGES: dict[str, tuple[float, float]] = {
 """Log-uniform search ranges. λ spans the paper's values (1.0–2.0 at width 128) and the smaller
 ones a narrow decoder needs; ``gauss_sigma`` is one σ for every block (as the σ figure)."""
 
-STORAGE_FILE = "optuna.db"
-JOURNAL_PREFIX = "journal:"
 SETTINGS_ATTR = "settings"
 UID_ATTR = "uid"
 BASELINE_ATTR = "baseline"
@@ -408,35 +405,6 @@ class Objective:
             self.on_trial(outcome)
 
 
-def default_storage(root: Path | None = None) -> str:
-    """``sqlite:///<repo>/optuna.db``, absolute so that DVC experiment workspaces share it."""
-    return f"sqlite:///{(root or repo_root()) / STORAGE_FILE}"
-
-
-def resolve_storage(url: str | None, root: Path | None = None) -> str | BaseStorage:
-    """A storage for :func:`open_study` from its URL.
-
-    ``None``: :func:`default_storage`; ``memory``: a throw-away in-memory study;
-    ``journal:PATH`` (also ``journal:///abs/path``): a journal file shared by worker processes on
-    one machine (file locks, no database); anything else (``sqlite:///…``, ``postgresql://…``)
-    is an RDB URL passed to Optuna unchanged.
-    """
-    if url is None:
-        return default_storage(root)
-    if url == "memory":
-        return optuna.storages.InMemoryStorage()
-    if url.startswith(JOURNAL_PREFIX):
-        path_text = url[len(JOURNAL_PREFIX) :]
-        path_text = path_text[2:] if path_text.startswith("//") else path_text
-        if not path_text:
-            raise UserError(f"journal storage {url!r} names no file (journal:PATH)")
-        path = Path(path_text).expanduser().resolve()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        backend = optuna.storages.journal.JournalFileBackend(str(path))
-        return optuna.storages.journal.JournalStorage(backend)
-    return url
-
-
 def fingerprint(values: dict[str, Any]) -> dict[str, Any]:
     """``values`` as JSON would return them, so stored and fresh settings compare equal."""
     return json.loads(json.dumps(values, sort_keys=True, default=str))
@@ -514,16 +482,6 @@ def _wait_for_attrs(study: optuna.Study) -> dict[str, Any] | None:
         time.sleep(0.1)
 
 
-def redact(url: str) -> str:
-    """A storage URL without its password (``postgresql://user:***@host/db``)."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest.split("/", 1)[0]:
-        return url
-    credentials, _, host = rest.partition("@")
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}" if ":" in credentials else url
-
-
 def run_trials(study: optuna.Study, objective: Objective, trials: int, batch: int = 1) -> None:
     """Run ``trials`` more trials of ``study`` in this process, ``batch`` at a time: asked
     together, fitted in one engine pass and told one by one (first the baseline, when asked for
@@ -545,10 +503,12 @@ def run_trials(study: optuna.Study, objective: Objective, trials: int, batch: in
     while done < trials:
         size = min(first_round or batch, trials - done)
         first_round = 0
+        fail_stale(study)  # trials of workers that died are FAIL, not RUNNING forever
         asked = [study.ask() for _ in range(size)]
         told: set[int] = set()
         try:
-            objective.run_round(asked, study, told)
+            with heartbeat(study, asked):
+                objective.run_round(asked, study, told)
         finally:
             # A round that raised leaves its untold trials failed, not running forever.
             for trial in asked:

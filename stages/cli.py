@@ -16,6 +16,7 @@ COMMANDS = {
     "optimize": "stages.optimize:optimize_command",
     "sweep": "stages.sweep:sweep_command",
     "tune": "stages.tune:tune_command",
+    "launch": "stages.launch:launch_command",
     "fbc": "stages.fbc:fbc_command",
     "evaluate": "stages.evaluate:evaluate_command",
     "aggregate": "stages.aggregate:aggregate_command",

@@ -8,6 +8,7 @@ import torch
 from skimage import data
 
 from pipeline.settings import load_yaml
+from tests.services import mlflow_server, postgres, slurm  # noqa: F401  (session servers)
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 

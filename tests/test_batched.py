@@ -20,12 +20,12 @@ from pipeline.degradations import Denoising, Inpainting
 from pipeline.errors import UserError
 from pipeline.fit import FitConfig, FitResult, MemberView, fit, fit_many
 from pipeline.problem import Problem
+from pipeline.storage import resolve_storage
 from pipeline.tuning import (
     Objective,
     TrialOutcome,
     TuneConfig,
     open_study,
-    resolve_storage,
     run_trials,
     study_report,
 )

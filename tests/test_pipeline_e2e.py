@@ -135,22 +135,27 @@ def ran_stages(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    repo = tmp_path_factory.mktemp("repo")
+def make_repo(repo: Path, params: dict) -> Path:
+    """A git+DVC repository in the empty folder ``repo``: the pipeline's code and dvc.yaml, and
+    ``params`` as its params.yaml, committed."""
     for name in COPIED:
         source = ROOT / name
         if source.is_dir():
             shutil.copytree(source, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(source, repo / name)
-    params = shrink(load_yaml(ROOT / "profiles" / "cpu.yaml"))
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], repo)
     run(["dvc", "init", "-q"], repo)
     run(["git", "add", "-A"], repo)
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init"], repo)
     return repo
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    params = shrink(load_yaml(ROOT / "profiles" / "cpu.yaml"))
+    return make_repo(tmp_path_factory.mktemp("repo"), params)
 
 
 def test_repro_then_nothing_then_only_the_changed_task(repo: Path):

@@ -27,7 +27,8 @@ from pipeline.fit import FitConfig, FitState, MemberView, fit_many
 from pipeline.layout import checkpoint_path, run_dir
 from pipeline.observations import write_observation
 from pipeline.problem import Problem, simulate
-from pipeline.tuning import Objective, TuneConfig, open_study, resolve_storage, run_trials
+from pipeline.storage import resolve_storage
+from pipeline.tuning import Objective, TuneConfig, open_study, run_trials
 
 ROOT = Path(__file__).resolve().parents[1]
 FIT = {"width": 8, "iterations": 400, "log_every": 25, "device": "cpu", "threads": 1}

@@ -26,13 +26,13 @@ from pipeline.layout import tuned_values_path
 from pipeline.observations import write_observation
 from pipeline.problem import simulate
 from pipeline.settings import fit_settings, load_yaml
+from pipeline.storage import resolve_storage
 from pipeline.tuning import (
     HoldoutDegradation,
     Objective,
     TuneConfig,
     best_values,
     open_study,
-    resolve_storage,
     run_trials,
     spearman,
     study_report,
@@ -352,13 +352,7 @@ def test_tuned_map_is_what_the_optimize_stage_reads(image_file, tmp_path, monkey
         fit_settings(params, "denoising", "lipschitz", "moon", "sigma25", {"lam": "tuned"})
 
 
-def test_storage_urls_and_spearman():
-    assert resolve_storage(None).startswith("sqlite:///") and resolve_storage(None).endswith(
-        "/optuna.db"
-    )
-    assert resolve_storage("postgresql://u:p@db/optuna") == "postgresql://u:p@db/optuna"
-    with pytest.raises(UserError, match="names no file"):
-        resolve_storage("journal:")
+def test_spearman():
     assert spearman(np.array([1.0, 2.0, 3.0, 4.0]), np.array([10.0, 30.0, 20.0, 40.0])) == (
         pytest.approx(0.8)
     )
