@@ -1,17 +1,18 @@
 """Scoring finished fits: one tidy frame of fits (one row per fit) and one of FBC milestones.
 
-Every number names its protocol (experiments.md, "Protocols"): ``rgb`` is PSNR on [0,1] floats over
-all channels of the 32-cropped image with no border shave (denoising, deblocking, inpainting,
-enhancement); ``y`` is PSNR on the Y channel with a 4-pixel border removed (super-resolution, DIP's
-script). PSNR values come from the float outputs logged during the fit (``curves.csv``, measured
-under the fit's ``psnr_protocol``); SSIM is computed on the saved 8-bit images.
+Every number names its protocol (docs/experiments.md, "Protocols"): ``rgb`` is PSNR on [0,1]
+floats over all channels of the 32-cropped image with no border shave (denoising, deblocking,
+inpainting, enhancement); ``y`` is PSNR on the Y channel with a 4-pixel border removed
+(super-resolution, DIP's script). PSNR values come from the float outputs logged during the fit
+(``curves.csv``, measured under the fit's ``psnr_protocol``); SSIM is computed on the saved 8-bit
+images.
 
 Stops are row indices of the curves; the iteration columns are the curves' ``iteration`` at that
 row (row × ``measure_every``). The ratio rule's stop is the fit's own online rule
 (``summary.json["stop_iteration"]``, the iteration whose output is ``restored_stop.png``), so every
 ratio column — iteration, PSNR, SSIM, iterations saved — comes from that one stop; ES-WMV, ES-EMV
-and the oracle are offline rules on the logged curves (method.md §5), under the settings the fit
-recorded in ``summary.json["settings"]``.
+and the oracle are offline rules on the logged curves (docs/method.md §5), under the settings the
+fit recorded in ``summary.json["settings"]``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Lipschitz-controlled convolution (method.md §2; Shi et al., IJCV 2022, Sec. 4.1).
+"""Lipschitz-controlled convolution (docs/method.md §2; Shi et al., IJCV 2022).
 
 The layer keeps a free weight W̄ and convolves with
 
@@ -217,7 +217,7 @@ torch.library.register_vmap(top_singular_value, _top_singular_value_vmap)
 
 
 class LipschitzConv2d(nn.Module):
-    """Convolution whose reshaped weight has spectral norm ≤ λ (method.md §2).
+    """Convolution whose reshaped weight has spectral norm ≤ λ (docs/method.md §2).
 
     Output size equals input size: the input is padded by (k − 1)//2 on each side (reflection by
     default, ``padding="zeros"`` for zero padding) and then convolved without padding.

@@ -1,4 +1,4 @@
-"""The deep-image-prior decoder of Shi et al. (IJCV 2022) and its fixed input (method.md §1).
+"""The deep-image-prior decoder of Shi et al. (IJCV 2022) and its fixed input (docs/method.md §1).
 
     z (1 × C_in × H/2^d × W/2^d)
     → conv2x(C_in → width)
@@ -34,7 +34,7 @@ INPUT_KINDS = ("fourier", "noise", "meshgrid")
 
 @dataclass(frozen=True)
 class DecoderConfig:
-    """Decoder hyper-parameters; the defaults are the paper's (method.md §1–§3).
+    """Decoder hyper-parameters; the defaults are the paper's (docs/method.md §1–§3).
 
     :param input: ``"fourier"`` (z = [sin 2πu, cos 2πu], u ~ U(0, 1)), ``"noise"`` (u·noise_scale)
         or ``"meshgrid"`` (2 channels: x and y coordinates in [0, 1]).
@@ -147,7 +147,7 @@ _BN_DIMS = (-4, -2, -1)
 
 
 class MeanOnlyBatchNorm(nn.Module):
-    """y = x − mean_{n,h,w}(x) + b, per channel (method.md §1).
+    """y = x − mean_{n,h,w}(x) + b, per channel (docs/method.md §1).
 
     No variance scaling and no running statistics: training and eval mode compute the same thing.
     ``fused`` (default) uses the one-pass backward of :class:`_MeanOnlyBatchNormFunction`; under
@@ -190,7 +190,7 @@ class DoubleConv(nn.Module):
 
 
 class Decoder(nn.Module):
-    """The decoder of method.md §1, built from ``config``.
+    """The decoder of docs/method.md §1, built from ``config``.
 
     :param config: hyper-parameters.
     :param generator: the random source of the initial weights (kaiming-uniform, a = 0, fan_in,

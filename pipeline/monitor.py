@@ -1,8 +1,8 @@
 """What is measured while K ≥ 1 fits advance in lockstep, kept on the device.
 
 At a measured iteration every member records its loss; the PSNR and the frequency-band
-correspondence (method.md §4; Shi et al. 2022, Sec. 3) of ``A'(out)·mask`` against its observation;
-the blurriness, sharpness and their ratio (§5, Sec. 5), which feeds the members' ratio rule (the
+correspondence (docs/method.md §4) of ``A'(out)·mask`` against its observation;
+the blurriness, sharpness and their ratio (§5), which feeds the members' ratio rule (the
 output at its first firing is kept); with the clean image, PSNR against it and the best output so
 far; and the windowed (ES-WMV) and exponential (ES-EMV) moving variances of its outputs.
 
@@ -33,7 +33,7 @@ PSNR_PROTOCOLS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "rgb": psnr,
     "y": lambda x, ref: psnr_y(x, ref, shave=4),
 }
-"""How PSNR against the clean image is read (experiments.md, "Protocols")."""
+"""How PSNR against the clean image is read (docs/experiments.md, "Protocols")."""
 
 
 def to_host(tensors: Sequence[Tensor]) -> list[Tensor]:
@@ -141,7 +141,7 @@ class Observations(Tracker):
         return seen if self.mask is None else seen * self.mask
 
     def losses(self, out: Tensor) -> Tensor:
-        """Every member's loss (K,) (method.md §6): its own task's ``MSE(A'(out)·m, y·m)``."""
+        """Every member's loss (K,) (docs/method.md §6): its own task's ``MSE(A'(out)·m, y·m)``."""
         return torch.stack(
             [task.loss(out[i : i + 1], self.y[i : i + 1]) for i, task in enumerate(self.tasks)]
         )
@@ -181,7 +181,7 @@ class PeakTracker(Tracker):
 
 class VarianceTracker(Tracker):
     """Windowed (ES-WMV) and exponential (ES-EMV) moving variance of the outputs (Wang et al.,
-    "Early Stopping for Deep Image Prior"; experiments.md, "Other stopping rules").
+    "Early Stopping for Deep Image Prior"; docs/experiments.md, "Other stopping rules").
 
     WMV over the last W outputs x_1..x_W: ``mean over pixels of (1/W Σ x_i² − x̄²)``, from running
     sums in float64; EMV: ``v ← (1 − α) v + α (1 − α) mean((x − m)²)``, ``m ← (1 − α) m + α x``

@@ -12,11 +12,11 @@ step and, when members end, for the remaining members only. Two strategies answe
   convolution into one grouped convolution over the K members, so K networks cost one launch per
   layer instead of K. λ is a per-layer constant of :class:`~pipeline.lipschitz.LipschitzConv2d`, so
   it cannot vary under one template: the template's 3×3 convolutions are uncontrolled and each
-  member's used weight ``W_k = W̄_k / max(1, σ̂(W̄_k)/λ_k)`` (method.md §2; Shi et al. 2022, Sec. 4.1)
+  member's used weight ``W_k = W̄_k / max(1, σ̂(W̄_k)/λ_k)`` (docs/method.md §2)
   is formed before the vmapped pass, with σ̂ from :func:`~pipeline.lipschitz.spectral_norms` on all K
   weights at once, on the single fit's certificate schedule. A member with λ ≤ 0 uses ``λ_k = ∞``:
   W_k = W̄_k exactly, so the DIP baseline can share a batch with controlled members. Gaussian σ
-  (method.md §3) differs per member through the stacked kernel buffers.
+  (docs/method.md §3) differs per member through the stacked kernel buffers.
 
 Equality: a member of a stacked network computes what its single network computes, but grouped
 convolutions and batched σ̂ round differently. These fits are chaotic in float32 (a one-ulp change of

@@ -71,8 +71,8 @@ def task_table(
 ) -> pd.DataFrame:
     """One task's table: a row per (variant, set, image) and, after them, a mean row per
     (variant, set) with each method's :data:`TABLE_METRICS` (columns ``<method>.<metric>``), the
-    protocol, the published DIP number (experiments.md) and our ``baseline``'s oracle PSNR minus
-    it."""
+    protocol, the published DIP number (docs/experiments.md) and our ``baseline``'s oracle PSNR
+    minus it."""
     index = ["variant", "set", "image"]
     wide = fits.pivot(index=index, columns="method", values=list(TABLE_METRICS))
     order = [(metric, method) for method in methods for metric in TABLE_METRICS]

@@ -1,7 +1,8 @@
-"""×2 upsamplers of the decoder, including Gaussian-controlled upsampling (method.md §1, §3).
+"""×2 upsamplers of the decoder, including Gaussian-controlled upsampling (docs/method.md §1, §3).
 
-Gaussian upsampling (Shi et al., IJCV 2022, Sec. 4.2) is a fixed depthwise transposed convolution
-with a 5×5 kernel, stride 2, padding 2 and output padding 1, so an H×W map becomes exactly 2H×2W:
+Gaussian upsampling (Shi et al., IJCV 2022; docs/method.md §3) is a fixed depthwise transposed
+convolution with a 5×5 kernel, stride 2, padding 2 and output padding 1, so an H×W map becomes
+exactly 2H×2W:
 
     y[o, p] = Σ_{i,j} x[i, j] · K[o + 2 − 2i, p + 2 − 2j]   (0-based kernel index, x = 0 outside),
 
@@ -65,7 +66,7 @@ def gaussian_kernel_1d(sigma: float) -> Tensor:
 
 
 def gaussian_kernel_2d(sigma: float) -> Tensor:
-    """The 5×5 kernel K of method.md §3, normalised to sum 1 (float64)."""
+    """The 5×5 kernel K of docs/method.md §3, normalised to sum 1 (float64)."""
     taps = gaussian_kernel_1d(sigma)
     return torch.outer(taps, taps)
 
@@ -84,7 +85,7 @@ def gaussian_upsample_naive(x: Tensor, sigma: float) -> Tensor:
 
 
 class GaussianUpsample(nn.Module):
-    """Fixed ×2 Gaussian-controlled upsampling of ``channels`` maps (method.md §3).
+    """Fixed ×2 Gaussian-controlled upsampling of ``channels`` maps (docs/method.md §3).
 
     :param channels: number of channels C (the transposed convolution is depthwise).
     :param sigma: σ ≥ 0 of the kernel; 0 means exact zero insertion.
@@ -118,7 +119,7 @@ class GaussianUpsample(nn.Module):
 def make_upsampler(
     kind: str, channels: int, sigma: float, padding: str = "reflection"
 ) -> nn.Module:
-    """One ×2 upsampler of the decoder (method.md §1).
+    """One ×2 upsampler of the decoder (docs/method.md §1).
 
     :param kind: ``"bilinear"`` (align_corners=False, the reference default), ``"nearest"``,
         ``"deconv"`` (ConvTranspose2d 4×4, stride 2, padding 1, then one plain 3×3 convolution

@@ -62,7 +62,8 @@ def ssim_of_files(path: Path, clean: Path) -> float:
 
 
 def rgb_to_y_numpy(x: np.ndarray) -> np.ndarray:
-    """The SR protocol's luma (experiments.md): 16/255 + (65.481 R + 128.553 G + 24.966 B)/255."""
+    """The SR protocol's luma (docs/experiments.md): 16/255 + (65.481 R + 128.553 G + 24.966 B)/255
+    (no rounding)."""
     return (16.0 + 65.481 * x[..., 0] + 128.553 * x[..., 1] + 24.966 * x[..., 2]) / 255.0
 
 

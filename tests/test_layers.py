@@ -1,4 +1,4 @@
-"""Lipschitz-controlled convolution (method.md §2) and the ×2 upsamplers (§1, §3)."""
+"""Lipschitz-controlled convolution (docs/method.md §2) and the ×2 upsamplers (§1, §3)."""
 
 from __future__ import annotations
 
@@ -305,7 +305,7 @@ def test_layer_user_errors(kwargs: dict, message: str) -> None:
 
 
 def numpy_kernel(sigma: float) -> np.ndarray:
-    """Direct transcription of method.md §3: 1-based i, j in 1..5, c = 3, then normalise."""
+    """Direct transcription of docs/method.md §3: 1-based i, j in 1..5, c = 3, then normalise."""
     kernel = np.zeros((5, 5))
     c = 3
     for i in range(1, 6):

@@ -1,4 +1,4 @@
-"""The decoder, its input and mean-only batch norm (method.md §1)."""
+"""The decoder, its input and mean-only batch norm (docs/method.md §1)."""
 
 from __future__ import annotations
 
