@@ -49,6 +49,14 @@ def to_host(tensors: Sequence[Tensor]) -> list[Tensor]:
     return [part.reshape(t.shape) for part, t in zip(parts, tensors, strict=True)]
 
 
+def member_of(x: Tensor, index: int) -> Tensor:
+    """Member ``index`` of ``x`` (K, …) as a batch of one; ``x`` itself when K = 1. Slicing the
+    only member would add a slice to the autograd graph, whose backward reorders a later sum
+    (the tail's bias gradient): the same value to rounding, not to the bit, and float32 fits
+    amplify rounding."""
+    return x if x.shape[0] == 1 else x[index : index + 1]
+
+
 class Tracker:
     """Per-member state; every tensor attribute leads with the member dimension K (module
     docstring). Attributes that are trackers themselves (or have ``select``) are selected too."""
@@ -143,7 +151,10 @@ class Observations(Tracker):
     def losses(self, out: Tensor) -> Tensor:
         """Every member's loss (K,) (docs/method.md §6): its own task's ``MSE(A'(out)·m, y·m)``."""
         return torch.stack(
-            [task.loss(out[i : i + 1], self.y[i : i + 1]) for i, task in enumerate(self.tasks)]
+            [
+                task.loss(member_of(out, i), member_of(self.y, i))
+                for i, task in enumerate(self.tasks)
+            ]
         )
 
     def select(self, index: Tensor) -> None:
