@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-import inspect
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -108,14 +108,14 @@ class TaskCommand(click.Command):
         known = {param.name for param in params}
         extra: list[click.Parameter] = []
         for cls in TASKS.values():
+            # the constructor's annotations, not its defaults: sigma = 25 is a float
+            kinds = typing.get_type_hints(cls.__init__)
             for name, text in cls.options.items():
                 if name in known:
                     continue
                 known.add(name)
-                default = inspect.signature(cls).parameters[name].default
-                kind = click.BOOL if isinstance(default, bool) else type(default)
                 extra.append(
-                    click.Option([f"--{name.replace('_', '-')}", name], type=kind, help=text)
+                    click.Option([f"--{name.replace('_', '-')}", name], type=kinds[name], help=text)
                 )
         return params[:-1] + extra + params[-1:]
 
