@@ -224,6 +224,8 @@ class Inpainting(Degradation):
         values = mask.detach().to(device="cpu", dtype=torch.float32)
         if not ((values == 0) | (values == 1)).all():
             raise UserError("inpainting mask must hold only 0 and 1")
+        if not values.any():
+            raise UserError("inpainting mask keeps no pixel (1 = kept): there is nothing to fit")
         return values.reshape(1, 1, *mask.shape[-2:])
 
     @property
@@ -238,6 +240,8 @@ class Inpainting(Degradation):
             shape = (1, 1, x.shape[-2], x.shape[-1])
             draw = torch.rand(shape, generator=_cpu_generator(self.seed), dtype=torch.float32)
             self._mask = (draw < self.p).to(torch.float32)
+            if not self._mask.any():
+                raise UserError(f"the Bernoulli mask of p={self.p:g} keeps no pixel of the image")
         elif self._given.shape[-2:] != x.shape[-2:]:
             raise UserError(
                 f"inpainting mask is {_size(self._given)} px but the image is {_size(x)} px "
