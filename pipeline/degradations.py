@@ -99,8 +99,9 @@ class Degradation(ABC):
 
     @classmethod
     def load(cls, params: dict[str, Any], folder: Path) -> Degradation:
-        """Rebuild the degradation from :meth:`params` and the files :meth:`save` wrote."""
-        return cls(**params)
+        """Rebuild the degradation from :meth:`params` and the files :meth:`save` wrote; unknown
+        or bad parameters (a damaged metadata file) are a :class:`UserError`."""
+        return make_degradation(cls.name, **params)
 
     @abstractmethod
     def observe(self, x: torch.Tensor) -> torch.Tensor:
@@ -263,7 +264,8 @@ class Inpainting(Degradation):
 
     @classmethod
     def load(cls, params: dict[str, Any], folder: Path) -> Inpainting:
-        return cls(mask=(load_image(folder / MASK_FILE) > 0.5).float(), **params)
+        mask = (load_image(folder / MASK_FILE) > 0.5).float()
+        return make_degradation(cls.name, mask=mask, **params)  # type: ignore[return-value]
 
 
 def lanczos2_kernel(factor: int, phase: float = 0.5) -> torch.Tensor:
@@ -356,10 +358,13 @@ class SuperResolution(Degradation):
         return y.shape[-2] * self.factor, y.shape[-1] * self.factor
 
     def photo_multiple(self, output_multiple: int) -> int:
-        """A low-resolution photo is cropped to multiples of ``output_multiple / factor``."""
+        """A low-resolution photo is cropped or padded to multiples of ``output_multiple /
+        factor``; the factor must divide ``output_multiple`` (else no output size has a whole
+        low-resolution image)."""
         if output_multiple % self.factor:
-            raise UserError(
-                f"super-resolution factor must divide {output_multiple}, got {self.factor}"
+            raise SettingError(
+                "factor",
+                f"super-resolution factor must divide {output_multiple}, got {self.factor}",
             )
         return output_multiple // self.factor
 

@@ -10,6 +10,7 @@ came from a file or an option, :class:`LocatedSettings` lets the error name that
 
 from __future__ import annotations
 
+import errno
 import math
 import sys
 from collections.abc import Mapping
@@ -57,6 +58,12 @@ class FitInterruptedError(Exception):
         self.signal_number = signal_number
         self.iteration = iteration
         self.path = path
+
+
+def write_failure(err: OSError) -> str:
+    """Why a write failed, in words: the system's message, and what it means for a full disk."""
+    reason = err.strerror or str(err)
+    return f"{reason} (the disk is full)" if err.errno == errno.ENOSPC else reason
 
 
 def note(message: str) -> None:

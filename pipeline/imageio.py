@@ -20,7 +20,6 @@ Conventions (method spec §1, experiments spec "Tasks"):
   same box as the image: ``center_crop_to_multiple(load_mask(p, H, W))``.
 """
 
-import errno
 import os
 import secrets
 from io import BytesIO
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline.errors import UserError, note
+from pipeline.errors import UserError, note, write_failure
 
 GREY_WEIGHTS: tuple[float, float, float] = (0.2989, 0.5870, 0.1140)
 """RGB → grey weights, the same as the spectral measures (method spec §4, step 1)."""
@@ -251,12 +250,6 @@ class WriteError(UserError):
         super().__init__(f"cannot write {path}: {reason}")
         self.path = path
         self.reason = reason
-
-
-def write_failure(err: OSError) -> str:
-    """Why a write failed, in words: the system's message, and what it means for a full disk."""
-    reason = err.strerror or str(err)
-    return f"{reason} (the disk is full)" if err.errno == errno.ENOSPC else reason
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:

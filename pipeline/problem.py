@@ -182,6 +182,8 @@ def simulate(
     image = shrink(load_image(image_path, channels), short_side, crop)
     clean, region = _placed(image, image_path, size)
     degradation = _task(task, params or {}, mask_path, image, size)
+    # the observation must be whole at every size the network outputs (SR: factor | multiple)
+    degradation.photo_multiple(size.multiple)
     return Problem(degradation, degradation.observe(clean), clean, region)
 
 

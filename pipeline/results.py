@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from torch import Tensor
 
-from pipeline.errors import UserError
-from pipeline.imageio import WriteError, save_image, write_bytes_atomic, write_failure
+from pipeline.errors import UserError, write_failure
+from pipeline.imageio import WriteError, save_image, write_bytes_atomic
 from pipeline.problem import Problem
 
 if TYPE_CHECKING:

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from pipeline.errors import FitInterruptedError, UserError
+from pipeline.errors import FitInterruptedError, UserError, write_failure
 
 COMMANDS = {
     "fit": "stages.fit:fit_command",
@@ -39,7 +39,8 @@ class SdipGroup(click.Group):
     """Loads sub-commands lazily and turns a :class:`UserError` into one ``error:`` line and exit
     status 1, and an interrupted fit (its state saved) into one line and 128 + the signal, as a
     shell reports a process the signal ended; neither with a traceback. Running out of memory (a
-    huge ``--width``, image or budget) is one ``error:`` line too."""
+    huge ``--width``, image or budget) and an ``OSError`` of the file system are one ``error:``
+    line too."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(COMMANDS)
@@ -60,6 +61,11 @@ class SdipGroup(click.Group):
         except FitInterruptedError as err:
             click.echo(str(err), err=True)
             sys.exit(128 + err.signal_number)
+        except OSError as err:
+            # a file system refusal the command did not foresee (a folder in /proc, a full disk)
+            where = f"{err.filename}: " if err.filename else ""
+            click.echo(f"error: {where}{write_failure(err)}", err=True)
+            sys.exit(1)
         except (MemoryError, RuntimeError) as err:
             if not out_of_memory(err):
                 raise

@@ -11,6 +11,7 @@ import click
 from tqdm import tqdm
 
 from pipeline.checkpoint import Checkpoint
+from pipeline.errors import SettingError, located
 from pipeline.fit import FitConfig, MemberView, fit, resolve_device
 from pipeline.model import output_grid
 from pipeline.problem import FitSize, Problem, load_problem
@@ -93,7 +94,10 @@ def fit_command(
     check_output_dir(out_dir)
     channel_count = None if channels is None else int(channels)
     size = FitSize("crop" if crop_image else "pad", *output_grid(config.model))
-    problem = load_problem(task, image, degradation, mask, channel_count, is_observed, size)
+    try:
+        problem = load_problem(task, image, degradation, mask, channel_count, is_observed, size)
+    except SettingError as err:
+        raise located(err, degradation) from err
     result = run_fit(problem, config)
     extra = {"image": str(image), "task_params": degradation}
     summary = write_result(out_dir, problem, result, extra)

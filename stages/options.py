@@ -12,6 +12,7 @@ import click
 import yaml
 
 from pipeline.degradations import TASKS
+from pipeline.errors import LocatedSettings
 from pipeline.runtime import PRECISIONS
 from pipeline.upsample import UPSAMPLE_KINDS
 
@@ -120,9 +121,10 @@ class TaskCommand(click.Command):
         return params[:-1] + extra + params[-1:]
 
 
-def task_params(task: str, options: dict[str, Any]) -> dict[str, Any]:
+def task_params(task: str, options: dict[str, Any]) -> LocatedSettings:
     """Take every task's degradation options out of ``options``; the ones given must belong to
-    ``task`` (a usage error names the tasks they apply to)."""
+    ``task`` (a usage error names the tasks they apply to). Each is located at its option, for
+    error messages (:func:`pipeline.errors.located`)."""
     given = {}
     for cls in TASKS.values():
         for name in cls.options:
@@ -133,7 +135,7 @@ def task_params(task: str, options: dict[str, Any]) -> dict[str, Any]:
             if task not in owners:
                 raise click.UsageError(f"--{name} applies to {', '.join(owners)}, not {task}")
             given[name] = value
-    return given
+    return LocatedSettings(given, {name: f"--{name.replace('_', '-')}" for name in given})
 
 
 TUNE_OPTIONS: list[tuple[str, Any, str]] = [

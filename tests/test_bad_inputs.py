@@ -205,7 +205,7 @@ def test_rewriting_a_run_folder_replaces_only_its_own_files(photo: Path, tmp_pat
         (["--measure-every", "0"], ["--measure-every"]),
         (["--log-every", "0"], ["--log-every"]),
         (["--device", "meta"], ["device 'meta' is not supported"]),
-        (["--sigma", "nan"], ["sigma must be a finite number >= 0, got nan"]),
+        (["--sigma", "nan"], ["--sigma: sigma must be a finite number >= 0, got nan"]),
         (["--sigma", "-3"], ["sigma", ">= 0"]),
         (["--sigma", "1e400"], ["sigma", "inf"]),
         (["--width", "1e3"], ["'1e3' is not a valid integer"]),
@@ -224,7 +224,7 @@ def test_bad_numbers_on_the_command_line(photo: Path, tmp_path: Path, options, n
         ("inpainting", ["--p", "nan"], "p must be"),
         ("deblocking", ["--quality", "101"], "quality must be an integer >= 1 and <= 100"),
         ("sr", ["--factor", "1"], "factor must be an integer >= 2, got 1"),
-        ("sr", ["--factor", "3"], "not divisible by the super-resolution factor 3"),
+        ("sr", ["--factor", "3"], "--factor: super-resolution factor must divide 32, got 3"),
     ],
 )
 def test_bad_degradation_parameters(photo: Path, tmp_path: Path, task, options, needle):
@@ -407,6 +407,14 @@ def repo(tmp_path: Path, cpu_profile: dict, monkeypatch: pytest.MonkeyPatch) -> 
 
 
 OPTIMIZE = ["optimize", "denoising", "astronaut", "dip", "--variant", "25", "--no-track"]
+
+
+def meta_with_param(folder: Path) -> None:
+    """meta.json (hash and all) valid JSON, but naming a parameter no task has."""
+    meta = json.loads((folder / "meta.json").read_text())
+    meta["params"]["bogus"] = 1
+    (folder / "meta.json").write_text(json.dumps(meta))
+
 PREPARED = Path("data/prepared/denoising/sigma25/astronaut")
 
 
@@ -422,11 +430,21 @@ PREPARED = Path("data/prepared/denoising/sigma25/astronaut")
         (lambda f: (f / "observation.npy").unlink(), "is not a readable observation"),
         (lambda f: np.save(f / "observation.npy", np.zeros((3, 64, 64), np.float32)), "sha256"),
         (lambda f: (f / "clean.png").write_bytes(b"\x89PNG broken"), "not a readable image"),
+        (meta_with_param, "unknown parameter(s) bogus for task 'denoising'"),
     ],
 )
 def test_a_corrupt_prepared_observation_is_one_line(repo: Path, damage, needle):
     damage(repo / PREPARED)
     assert_one_error(invoke(*OPTIMIZE), needle)
+    assert not Path("runs").exists()
+
+
+def test_a_bad_fit_setting_stops_optimize_before_the_fit_naming_its_path(repo: Path):
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["tasks"]["denoising"]["fit"]["lr"] = float("inf")
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    result = invoke(*OPTIMIZE)
+    assert_one_error(result, "params.yaml tasks.denoising.fit.lr: lr must be a finite number > 0")
     assert not Path("runs").exists()
 
 
@@ -806,3 +824,18 @@ def test_load_params_checks_the_file(cpu_profile, tmp_path: Path):
     path.write_text(yaml.safe_dump(changed(cpu_profile, "sweeps.lam[0]", "a lot")))
     with pytest.raises(UserError, match=r"params\.yaml sweeps\.lam\[0\] must be a finite number"):
         load_params(path)
+
+
+def test_a_budget_too_large_for_memory_is_one_line(photo: Path, tmp_path: Path):
+    result = invoke(
+        "fit", "denoising", photo, "-o", tmp_path / "out", *TINY, "--iterations", 10**13
+    )
+    assert_one_error(result, "error: out of memory", "use a smaller image, --width or budget")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unforeseen_file_system_error_is_one_line(photo: Path):
+    # sdip tune writes its outputs after the study; /proc takes no folder
+    args = ["--storage", "memory", "--no-track", "--trials", "1", "--iterations", "2"]
+    result = invoke("tune", "denoising", photo, "--out", "/proc/tuned", "--width", "8", *args)
+    assert_one_error(result, "error: /proc/tuned: No such file or directory")
