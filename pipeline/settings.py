@@ -268,7 +268,7 @@ def fit_settings(
     methods = _mapping(section(params, "methods", method), f"methods.{method}")
     method_values = {**methods, **(overrides or {})}
     method_origins = {key: f"params.yaml methods.{method}.{key}" for key in methods}
-    method_origins.update({key: f"override {key}" for key in overrides or {}})
+    method_origins.update({key: f"command line {key}" for key in overrides or {}})
     if method_values.get("lam") == "task":
         upsample = method_values.get("upsample")
         method_values["lam"] = task_lam(task_values, upsample)["lam"]

@@ -355,7 +355,7 @@ def test_a_per_image_setting_and_an_override_name_their_place(cpu_profile):
     params = changed(cpu_profile, "tasks.denoising.fit.per_image", {"coffee": {"lam": 1e999}})
     with pytest.raises(UserError, match=r"^params\.yaml tasks\.denoising\.fit\.per_image\.coffee"):
         FitConfig.from_dict(fit_settings(params, "denoising", "lipschitz", "coffee"))
-    with pytest.raises(UserError, match=r"^override lr: lr must be a finite number > 0, got nan"):
+    with pytest.raises(UserError, match=r"^command line lr: lr must be a finite number > 0"):
         FitConfig.from_dict(
             fit_settings(cpu_profile, "denoising", "dip", None, "default", {"lr": float("nan")})
         )
@@ -414,6 +414,7 @@ def meta_with_param(folder: Path) -> None:
     meta = json.loads((folder / "meta.json").read_text())
     meta["params"]["bogus"] = 1
     (folder / "meta.json").write_text(json.dumps(meta))
+
 
 PREPARED = Path("data/prepared/denoising/sigma25/astronaut")
 
