@@ -10,9 +10,12 @@ region, and a callback every iteration reads it on the whole canvas from the sam
 each case this prints and writes the peak PSNR and its iteration under each reading, the PSNR
 at the budget, and what choosing the peak by the whole canvas costs on the user's image.
 
-Run from the repository root (writes ``bench/padded_psnr.json``)::
+Run from the repository root (writes ``bench/padded_psnr[-<method>].json``)::
 
-    python -m bench.padded_psnr [--iterations 1500] [--width 32]
+    python -m bench.padded_psnr [--iterations 1500] [--width 32] [--method gaussian|dip]
+
+``gaussian`` is the paper's full method (λ = 1.4, Gaussian upsampling), which plateaus;
+``dip`` (no Lipschitz control, bilinear) peaks and decays, so its peak is chosen mid-run.
 """
 
 from __future__ import annotations
@@ -31,7 +34,10 @@ from pipeline.fit import FitConfig, MemberView, fit
 from pipeline.measures import psnr
 from pipeline.problem import load_problem
 
-OUT = Path(__file__).with_name("padded_psnr.json")
+METHODS = {
+    "gaussian": {"lam": 1.4, "upsample": "gaussian"},
+    "dip": {"lam": 0.0, "upsample": "bilinear"},
+}
 CASES = [
     # (task, image, rows, columns, degradation): sizes padded by 49 %, 35 % and 12 % of the canvas
     ("denoising", "astronaut", 45, 70, {"sigma": 25, "seed": 0}),
@@ -101,6 +107,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=1500)
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--lr", type=float, default=0.004)
+    parser.add_argument("--method", choices=sorted(METHODS), default="gaussian")
     args = parser.parse_args()
     torch.set_num_threads(1)
     config = FitConfig.from_dict(
@@ -108,8 +115,7 @@ def main() -> None:
             "iterations": args.iterations,
             "width": args.width,
             "lr": args.lr,
-            "lam": 1.4,
-            "upsample": "gaussian",
+            **METHODS[args.method],
             "ratio_window": 150,
             "ratio_eps": 0.1,
             "log_every": 1,
@@ -118,8 +124,18 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as folder:
         rows = [run_case(case, config, Path(folder)) for case in CASES]
-    report = {"settings": {"iterations": args.iterations, "width": args.width, "lr": args.lr}}
-    OUT.write_text(json.dumps({**report, "cases": rows}, indent=2, ensure_ascii=False) + "\n")
+    report = {
+        "settings": {
+            "iterations": args.iterations,
+            "width": args.width,
+            "lr": args.lr,
+            "method": args.method,
+            **METHODS[args.method],
+        }
+    }
+    suffix = "" if args.method == "gaussian" else f"-{args.method}"
+    out = Path(__file__).with_name(f"padded_psnr{suffix}.json")
+    out.write_text(json.dumps({**report, "cases": rows}, indent=2, ensure_ascii=False) + "\n")
     keys = list(rows[0])
     print(" | ".join(keys))
     for row in rows:

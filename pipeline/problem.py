@@ -25,7 +25,15 @@ from torch import Tensor
 
 from pipeline.degradations import TASKS, Degradation, make_degradation
 from pipeline.errors import UserError, check_choice, check_int, note
-from pipeline.imageio import Box, crop, crop_box, load_image, load_mask, pad_box, reflect_pad
+from pipeline.imageio import (
+    Box,
+    center_crop_to_multiple,
+    crop,
+    load_image,
+    load_mask,
+    pad_box,
+    reflect_pad,
+)
 
 OUTPUT_MULTIPLE = 32
 """The default decoder's output multiple, 2^5 (:func:`pipeline.model.output_grid`)."""
@@ -63,7 +71,7 @@ class FitSize:
         result, as after a crop or when nothing was padded)."""
         height, width = image.shape[-2:]
         if self.mode == "crop":
-            return crop(image, crop_box(height, width, self.multiple)), None
+            return center_crop_to_multiple(image, self.multiple), None
         box = pad_box(height, width, self.multiple, self.minimum)
         if box[2:] == (height, width):
             return image, None
