@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.errors import UserError
+from pipeline.errors import SettingError, UserError, check_bool, check_int, check_number
 from pipeline.imageio import load_image, save_image, to_uint8
 
 MASK_FILE = "mask.png"
@@ -33,18 +33,6 @@ MASK_FILE = "mask.png"
 def _cpu_generator(seed: int) -> torch.Generator:
     # Draws happen on the CPU so that one seed gives one observation on every device.
     return torch.Generator(device="cpu").manual_seed(seed)
-
-
-def _check_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise UserError(f"{name} must be an integer, got {value!r}")
-    return value
-
-
-def _check_number(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise UserError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
 
 
 def _from_uint8(pixels: np.ndarray, like: torch.Tensor) -> torch.Tensor:
@@ -111,8 +99,9 @@ class Degradation(ABC):
 
     @classmethod
     def load(cls, params: dict[str, Any], folder: Path) -> Degradation:
-        """Rebuild the degradation from :meth:`params` and the files :meth:`save` wrote."""
-        return cls(**params)
+        """Rebuild the degradation from :meth:`params` and the files :meth:`save` wrote; unknown
+        or bad parameters (a damaged metadata file) are a :class:`UserError`."""
+        return make_degradation(cls.name, **params)
 
     @abstractmethod
     def observe(self, x: torch.Tensor) -> torch.Tensor:
@@ -169,10 +158,8 @@ class Denoising(Degradation):
     options: ClassVar[dict[str, str]] = {"sigma": "Noise level on the 0–255 scale (default 25)."}
 
     def __init__(self, sigma: float = 25, seed: int = 0) -> None:
-        self.sigma = _check_number("sigma", sigma)
-        if self.sigma < 0:
-            raise UserError(f"noise level sigma must be >= 0, got {sigma}")
-        self.seed = _check_int("seed", seed)
+        self.sigma = check_number("sigma", sigma, 0)
+        self.seed = check_int("seed", seed, 0)
 
     def observe(self, x: torch.Tensor) -> torch.Tensor:
         noise = torch.randn(x.shape, generator=_cpu_generator(self.seed), dtype=torch.float32)
@@ -195,9 +182,7 @@ class JpegDeblocking(Degradation):
     options: ClassVar[dict[str, str]] = {"quality": "JPEG quality (default 10)."}
 
     def __init__(self, quality: int = 10) -> None:
-        self.quality = _check_int("quality", quality)
-        if not 1 <= self.quality <= 100:
-            raise UserError(f"JPEG quality must be in 1..100, got {quality}")
+        self.quality = check_int("quality", quality, 1, 100)
 
     def observe(self, x: torch.Tensor) -> torch.Tensor:
         buffer = BytesIO()
@@ -226,10 +211,8 @@ class Inpainting(Degradation):
     files = ("mask",)
 
     def __init__(self, mask: torch.Tensor | None = None, p: float = 0.5, seed: int = 0) -> None:
-        self.p = _check_number("p", p)
-        if not 0.0 < self.p <= 1.0:
-            raise UserError(f"keep-probability p must be in (0, 1], got {p}")
-        self.seed = _check_int("seed", seed)
+        self.p = check_number("p", p, maximum=1, above=0)
+        self.seed = check_int("seed", seed, 0)
         self._given = None if mask is None else self._as_mask(mask)
         self._mask: torch.Tensor | None = self._given
 
@@ -242,6 +225,8 @@ class Inpainting(Degradation):
         values = mask.detach().to(device="cpu", dtype=torch.float32)
         if not ((values == 0) | (values == 1)).all():
             raise UserError("inpainting mask must hold only 0 and 1")
+        if not values.any():
+            raise UserError("inpainting mask keeps no pixel (1 = kept): there is nothing to fit")
         return values.reshape(1, 1, *mask.shape[-2:])
 
     @property
@@ -256,6 +241,8 @@ class Inpainting(Degradation):
             shape = (1, 1, x.shape[-2], x.shape[-1])
             draw = torch.rand(shape, generator=_cpu_generator(self.seed), dtype=torch.float32)
             self._mask = (draw < self.p).to(torch.float32)
+            if not self._mask.any():
+                raise UserError(f"the Bernoulli mask of p={self.p:g} keeps no pixel of the image")
         elif self._given.shape[-2:] != x.shape[-2:]:
             raise UserError(
                 f"inpainting mask is {_size(self._given)} px but the image is {_size(x)} px "
@@ -277,7 +264,8 @@ class Inpainting(Degradation):
 
     @classmethod
     def load(cls, params: dict[str, Any], folder: Path) -> Inpainting:
-        return cls(mask=(load_image(folder / MASK_FILE) > 0.5).float(), **params)
+        mask = (load_image(folder / MASK_FILE) > 0.5).float()
+        return make_degradation(cls.name, mask=mask, **params)  # type: ignore[return-value]
 
 
 def lanczos2_kernel(factor: int, phase: float = 0.5) -> torch.Tensor:
@@ -337,9 +325,9 @@ class SuperResolution(Degradation):
     options: ClassVar[dict[str, str]] = {"factor": "Super-resolution factor (default 4)."}
 
     def __init__(self, factor: int = 4, phase: float = 0.5) -> None:
-        self.factor = _check_int("factor", factor)
-        if self.factor < 2:
-            raise UserError(f"super-resolution factor must be at least 2, got {factor}")
+        self.factor = check_int("factor", factor, 2)
+        if isinstance(phase, bool) or phase not in (0, 0.5):
+            raise SettingError("phase", f"Lanczos kernel phase must be 0 or 0.5, got {phase!r}")
         if phase == 0 and self.factor % 2:
             raise UserError(f"phase 0 needs an even super-resolution factor, got {factor}")
         self.phase = phase
@@ -370,10 +358,13 @@ class SuperResolution(Degradation):
         return y.shape[-2] * self.factor, y.shape[-1] * self.factor
 
     def photo_multiple(self, output_multiple: int) -> int:
-        """A low-resolution photo is cropped to multiples of ``output_multiple / factor``."""
+        """A low-resolution photo is cropped or padded to multiples of ``output_multiple /
+        factor``; the factor must divide ``output_multiple`` (else no output size has a whole
+        low-resolution image)."""
         if output_multiple % self.factor:
-            raise UserError(
-                f"super-resolution factor must divide {output_multiple}, got {self.factor}"
+            raise SettingError(
+                "factor",
+                f"super-resolution factor must divide {output_multiple}, got {self.factor}",
             )
         return output_multiple // self.factor
 
@@ -392,10 +383,8 @@ class Enhancement(Degradation):
     holds_out = False  # it fits the clean image itself: nothing to hold out
 
     def __init__(self, gain: float = 1.0, signed: bool = False) -> None:
-        self.gain = _check_number("gain", gain)
-        if not isinstance(signed, bool):
-            raise UserError(f"signed must be true or false, got {signed!r}")
-        self.signed = signed
+        self.gain = check_number("gain", gain)
+        self.signed = check_bool("signed", signed)
 
     def observe(self, x: torch.Tensor) -> torch.Tensor:
         return x.clone()

@@ -17,7 +17,6 @@ from the stacks, so it stops changing and the others run faster.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -28,7 +27,15 @@ import torch
 from torch import Tensor
 
 from pipeline.degradations import Degradation
-from pipeline.errors import UserError
+from pipeline.errors import (
+    SettingError,
+    UserError,
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+    located,
+)
 from pipeline.model import DecoderConfig
 from pipeline.monitor import PSNR_PROTOCOLS, FitMonitor
 from pipeline.networks import NetworkSettings, ParamPairs, build_network
@@ -90,39 +97,32 @@ class FitConfig:
     compile_mode: str = "default"
 
     def __post_init__(self) -> None:
-        integers = ("iterations", "seed", "measure_every", "log_every", "fbc_bands", "threads")
-        for name in integers:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise UserError(f"fit setting {name} must be an integer, got {value!r}")
-        for name in ("lr", "backtrack_drop_db", "input_noise"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise UserError(f"fit setting {name} must be a number, got {value!r}")
-            if not math.isfinite(value):
-                raise UserError(f"fit setting {name} must be finite, got {value!r}")
-        checks = {
-            "iterations": self.iterations >= 1,
-            "lr": self.lr > 0,
-            "measure_every": self.measure_every >= 1,
-            "log_every": self.log_every >= 1,
-            "fbc_bands": self.fbc_bands >= 1,
-            "input_noise": self.input_noise >= 0,
-            "backtrack_drop_db": self.backtrack_drop_db > 0,
-            "psnr_protocol": self.psnr_protocol in PSNR_PROTOCOLS,
-            "precision": self.precision in PRECISIONS,
-            "compile_mode": self.compile_mode in COMPILE_MODES,
-            "threads": self.threads >= 0,
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise UserError(f"invalid fit setting {name}={getattr(self, name)!r}")
+        check_int("iterations", self.iterations, 1)
+        check_number("lr", self.lr, above=0)
+        check_int("seed", self.seed, 0)
+        if not isinstance(self.device, str):
+            raise SettingError("device", f"device must be a name such as cpu, got {self.device!r}")
+        check_int("measure_every", self.measure_every, 1)
+        check_int("log_every", self.log_every, 1)
+        check_int("fbc_bands", self.fbc_bands, 1)
+        check_bool("halt_at_stop", self.halt_at_stop)
+        if self.backtrack is not None:
+            check_bool("backtrack", self.backtrack)
+        check_number("backtrack_drop_db", self.backtrack_drop_db, above=0)
+        check_number("input_noise", self.input_noise, 0)
+        check_choice("psnr_protocol", self.psnr_protocol, PSNR_PROTOCOLS)
+        check_int("threads", self.threads, 0)
+        check_choice("precision", self.precision, PRECISIONS)
+        check_bool("channels_last", self.channels_last)
+        check_bool("compile", self.compile)
+        check_choice("compile_mode", self.compile_mode, COMPILE_MODES)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> FitConfig:
         """Build from a flat mapping (params.yaml, CLI); keys of :class:`DecoderConfig` go to
         ``model``, keys of :class:`StoppingConfig` to ``stopping``. Unknown keys are a
-        :class:`UserError`."""
+        :class:`UserError`; a bad value names where it was written when ``values`` is a
+        :class:`~pipeline.errors.LocatedSettings`."""
         own = {f.name for f in fields(cls)} - {"model", "stopping"}
         model_keys = {f.name for f in fields(DecoderConfig)}
         stopping_keys = {f.name for f in fields(StoppingConfig)}
@@ -133,11 +133,14 @@ class FitConfig:
         for key in ("upsample", "gauss_sigma"):
             if isinstance(model_values.get(key), list):
                 model_values[key] = tuple(model_values[key])
-        return cls(
-            model=DecoderConfig(**model_values),
-            stopping=StoppingConfig(**{k: v for k, v in values.items() if k in stopping_keys}),
-            **{k: v for k, v in values.items() if k in own},
-        )
+        try:
+            return cls(
+                model=DecoderConfig(**model_values),
+                stopping=StoppingConfig(**{k: v for k, v in values.items() if k in stopping_keys}),
+                **{k: v for k, v in values.items() if k in own},
+            )
+        except SettingError as err:
+            raise located(err, values) from err
 
     def flat(self) -> dict[str, Any]:
         """All settings as one flat mapping (for tracking; :meth:`from_dict` reads it back)."""
@@ -152,7 +155,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as err:
-        raise UserError(f"unknown device {name!r}") from err
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from err
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {name!r} requested but CUDA is not available")
     return device
@@ -294,6 +299,7 @@ class FitState:
         tasks: Sequence[Degradation],
         configs: Sequence[FitConfig],
         cleans: Sequence[Tensor | None] | None = None,
+        region: tuple[int, int, int, int] | None = None,
     ) -> None:
         count = len(configs)
         cleans = [None] * count if cleans is None else list(cleans)
@@ -335,7 +341,7 @@ class FitState:
         )
         y = torch.cat(ys)
         clean = None if clean_list[0] is None else torch.cat(clean_list)  # type: ignore[arg-type]
-        self.monitor = FitMonitor(cfg, tasks, y, clean, shape)
+        self.monitor = FitMonitor(cfg, tasks, y, clean, shape, region)
         self.last_out = torch.zeros((count, *shape), device=dev)
         self.members = list(range(count))
         self.results: dict[int, FitResult] = {}
@@ -447,6 +453,7 @@ def fit_many(
     callbacks: Sequence[Callback] = (),
     cleans: Sequence[Tensor | None] | None = None,
     checkpoint: Checkpoint | None = None,
+    region: tuple[int, int, int, int] | None = None,
 ) -> list[FitResult]:
     """Fit K ≥ 1 members at once; returns their :class:`FitResult` in the order of ``configs``.
 
@@ -462,10 +469,14 @@ def fit_many(
     it holds their state, save it every ``checkpoint.every`` iterations and when the process is
     asked to terminate (:func:`pipeline.runtime.termination_requested`; then
     :class:`pipeline.checkpoint.FitInterruptedError` is raised), and remove it once they have ended.
+
+    ``region`` (top, left, height, width) is where the user's image lies in the outputs when it
+    was padded to the network's size (:attr:`pipeline.problem.Problem.region`): PSNR against the
+    clean images, and so the oracle peak, is read there.
     """
     if isinstance(tasks, Degradation):
         tasks = [tasks] * len(configs)
-    state = FitState(observations, tasks, configs, cleans)
+    state = FitState(observations, tasks, configs, cleans, region)
     before = 0.0
     if checkpoint is not None:
         before = checkpoint.restore(state)
@@ -493,7 +504,8 @@ def fit(
     callbacks: Sequence[Callback] = (),
     clean: Tensor | None = None,
     checkpoint: Checkpoint | None = None,
+    region: tuple[int, int, int, int] | None = None,
 ) -> FitResult:
     """Fit the decoder to ``observation`` under ``task``'s forward operator: :func:`fit_many` of
     one member."""
-    return fit_many([observation], [task], [config], callbacks, [clean], checkpoint)[0]
+    return fit_many([observation], [task], [config], callbacks, [clean], checkpoint, region)[0]

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from pipeline.errors import UserError
+from pipeline.errors import SettingError, UserError, check_choice, check_int, check_number
 from pipeline.lipschitz import PADDINGS, LipschitzConv2d, sigma_estimates
 from pipeline.upsample import UPSAMPLE_KINDS, make_upsampler
 
@@ -65,54 +65,45 @@ class DecoderConfig:
     negative_slope: float = 0.01
 
     def __post_init__(self) -> None:
-        if self.input not in INPUT_KINDS:
-            raise UserError(f"unknown input {self.input!r}; choose one of {', '.join(INPUT_KINDS)}")
-        if self.input != "meshgrid" and self.input_channels < 1:
-            raise UserError(f"input_channels must be >= 1, got {self.input_channels}")
+        check_choice("input", self.input, INPUT_KINDS)
+        if self.input != "meshgrid":
+            check_int("input_channels", self.input_channels, 1)
         if self.input == "fourier" and self.input_channels % 2:
-            raise UserError(
+            raise SettingError(
+                "input_channels",
                 f"input_channels must be even for the fourier input (half sin, half cos), "
-                f"got {self.input_channels}"
+                f"got {self.input_channels}",
             )
-        if not math.isfinite(self.noise_scale) or self.noise_scale <= 0.0:
-            raise UserError(f"noise_scale must be finite and > 0, got {self.noise_scale}")
-        if self.width < 1:
-            raise UserError(f"width must be >= 1, got {self.width}")
-        if self.depth < 0:
-            raise UserError(f"depth must be >= 0, got {self.depth}")
-        if self.out_channels < 1:
-            raise UserError(f"out_channels must be >= 1, got {self.out_channels}")
+        check_number("noise_scale", self.noise_scale, above=0)
+        check_int("width", self.width, 1)
+        check_int("depth", self.depth, 0)
+        check_int("out_channels", self.out_channels, 1)
         for kind in self.block_upsamplers:
-            if not isinstance(kind, str) or kind not in UPSAMPLE_KINDS:
-                raise UserError(
-                    f"unknown upsample {kind!r}; choose one of {', '.join(UPSAMPLE_KINDS)}"
-                )
-        if len(self.gauss_sigma) != self.depth:
-            raise UserError(
-                f"gauss_sigma has {len(self.gauss_sigma)} values but depth is {self.depth}; "
-                f"give one sigma per upsampling block"
+            check_choice("upsample", kind, UPSAMPLE_KINDS)
+        if not isinstance(self.gauss_sigma, tuple) or len(self.gauss_sigma) != self.depth:
+            count = len(self.gauss_sigma) if isinstance(self.gauss_sigma, tuple) else "no list of"
+            raise SettingError(
+                "gauss_sigma",
+                f"gauss_sigma has {count} values but depth is {self.depth}; "
+                f"give one sigma per upsampling block",
             )
         for sigma in self.gauss_sigma:
-            if not math.isfinite(sigma) or sigma < 0.0:
-                raise UserError(f"gauss_sigma values must be finite and >= 0, got {sigma}")
-        if not math.isfinite(self.lam):
-            raise UserError(f"lam must be finite, got {self.lam}")
-        if self.padding not in PADDINGS:
-            raise UserError(
-                f"unknown padding {self.padding!r}; choose one of {', '.join(PADDINGS)}"
-            )
-        if not math.isfinite(self.negative_slope) or self.negative_slope < 0.0:
-            raise UserError(f"negative_slope must be finite and >= 0, got {self.negative_slope}")
+            check_number("gauss_sigma", sigma, 0)
+        check_number("lam", self.lam)
+        check_choice("padding", self.padding, PADDINGS)
+        check_number("negative_slope", self.negative_slope, 0)
 
     @property
     def block_upsamplers(self) -> tuple[str, ...]:
         """The upsampler kind of each block, coarse → fine."""
         if isinstance(self.upsample, str):
             return (self.upsample,) * self.depth
-        if len(self.upsample) != self.depth:
-            raise UserError(
-                f"upsample has {len(self.upsample)} entries but depth is {self.depth}; "
-                f"give one kind, or one per block"
+        if not isinstance(self.upsample, tuple) or len(self.upsample) != self.depth:
+            count = len(self.upsample) if isinstance(self.upsample, tuple) else "no list of"
+            raise SettingError(
+                "upsample",
+                f"upsample has {count} entries but depth is {self.depth}; "
+                "give one kind, or one per block",
             )
         return tuple(self.upsample)
 
@@ -250,21 +241,29 @@ class Decoder(nn.Module):
         return torch.sigmoid(self.tail(x))
 
 
-def input_size(config: DecoderConfig, height: int, width: int) -> tuple[int, int]:
-    """Spatial size of z for an output of ``height`` × ``width``, checked."""
+def output_grid(config: DecoderConfig) -> tuple[int, int]:
+    """``(multiple, minimum)``: the decoder outputs sides that are multiples of ``2^depth`` and at
+    least ``minimum``: ``2 · 2^depth`` with reflection padding, whose coarsest map must be 2 pixels
+    to be mirrored, else ``2^depth``."""
     factor = 2**config.depth
+    return factor, factor * (2 if config.padding == "reflection" else 1)
+
+
+def input_size(config: DecoderConfig, height: int, width: int) -> tuple[int, int]:
+    """Spatial size of z for an output of ``height`` × ``width``, checked (:func:`output_grid`)."""
+    factor, minimum = output_grid(config)
     if height < 1 or width < 1 or height % factor or width % factor:
         raise UserError(
             f"output size {height}x{width} must be positive multiples of 2**depth = {factor} "
             f"(crop the image to a multiple of {factor})"
         )
-    h, w = height // factor, width // factor
-    if config.padding == "reflection" and min(h, w) < 2:
+    if min(height, width) < minimum:
         raise UserError(
-            f"output size {height}x{width} gives a {h}x{w} network input, too small for "
-            f"reflection padding; use an image of at least {2 * factor}x{2 * factor}"
+            f"output size {height}x{width} gives a {height // factor}x{width // factor} network "
+            f"input, too small for reflection padding; use an image of at least "
+            f"{minimum}x{minimum}"
         )
-    return h, w
+    return height // factor, width // factor
 
 
 def make_input(

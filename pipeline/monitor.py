@@ -125,12 +125,22 @@ class Curves(Tracker):
 
 class Observations(Tracker):
     """The members' observations y, loss masks (all ones for a task without one), clean images
-    and tasks."""
+    and tasks. ``region`` (top, left, height, width) is the part of the output that is the
+    user's image when it was padded to the network's size (:class:`pipeline.problem.FitSize`):
+    PSNR against the clean image is read there, so that it is the PSNR of the image the user
+    gets; None is the whole output."""
 
-    def __init__(self, tasks: Sequence[Degradation], y: Tensor, clean: Tensor | None) -> None:
+    def __init__(
+        self,
+        tasks: Sequence[Degradation],
+        y: Tensor,
+        clean: Tensor | None,
+        region: tuple[int, int, int, int] | None = None,
+    ) -> None:
         self.tasks = list(tasks)
         self.y = y
-        self.clean = clean
+        self.region = region
+        self.clean = None if clean is None else self.in_region(clean)
         masks = [task.loss_mask(y[i : i + 1]) for i, task in enumerate(self.tasks)]
         self.mask = (
             None
@@ -142,6 +152,13 @@ class Observations(Tracker):
                 ]
             )
         )
+
+    def in_region(self, x: Tensor) -> Tensor:
+        """The user's image in ``x`` (K, C, H, W) of the output's size."""
+        if self.region is None:
+            return x
+        top, left, height, width = self.region
+        return x[..., top : top + height, left : left + width]
 
     def seen(self, out: Tensor) -> Tensor:
         """``A'(out)·mask`` of every member: what it compares with its observation."""
@@ -249,12 +266,13 @@ class FitMonitor:
         y: Tensor,
         clean: Tensor | None,
         out_shape: tuple[int, int, int],
+        region: tuple[int, int, int, int] | None = None,
     ) -> None:
         dev, k = y.device, len(tasks)
         shape = (k, *out_shape)
         self.config = config
         self.measured = 0
-        self.observations = Observations(tasks, y, clean)
+        self.observations = Observations(tasks, y, clean, region)
         self.curves = Curves(
             k, -(-config.iterations // config.measure_every), config.fbc_bands, dev
         )
@@ -289,7 +307,7 @@ class FitMonitor:
         curves.write(row, "ratio", ratio)
         self.stop.update(ratio, out)
         if obs.clean is not None:
-            p = PSNR_PROTOCOLS[self.config.psnr_protocol](out, obs.clean)
+            p = PSNR_PROTOCOLS[self.config.psnr_protocol](obs.in_region(out), obs.clean)
             curves.write(row, "psnr", p)
             self.peak.update(p, out, row)
         wmv, emv = self.variance.update(out, row)

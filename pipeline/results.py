@@ -5,9 +5,13 @@ Layout of a result folder::
     observation.png  clean.png (when known)
     restored_stop.png  restored_final.png  restored_best.png (when the clean image is known)
     curves.csv       one row per measured iteration
-    summary.json     stop/peak/final scalars and the settings
+    summary.json     stop/peak/final scalars, the settings, and ``region``: where the image lies
+                     in the network's output when it was padded to the network's size
+                     (:class:`pipeline.problem.FitSize`; the images above are cut back to it)
 
-Every file is written to a temporary name and renamed, so a crash leaves no half-written file.
+The folder is written under a temporary name beside it and renamed when complete
+(:func:`staged_folder`), so a failed or killed write leaves no result folder, and no file is ever
+half-written. :func:`check_output_dir` refuses an unusable folder before a fit starts.
 """
 
 from __future__ import annotations
@@ -16,6 +20,11 @@ import csv
 import io
 import json
 import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,7 +32,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from torch import Tensor
 
-from pipeline.imageio import save_image, write_bytes_atomic
+from pipeline.errors import UserError, write_failure
+from pipeline.imageio import WriteError, save_image, write_bytes_atomic
 from pipeline.problem import Problem
 
 if TYPE_CHECKING:
@@ -31,6 +41,16 @@ if TYPE_CHECKING:
 
 CURVES_FILE = "curves.csv"
 SUMMARY_FILE = "summary.json"
+RESULT_FILES = (
+    "observation.png",
+    "clean.png",
+    "restored_stop.png",
+    "restored_final.png",
+    "restored_best.png",
+    CURVES_FILE,
+    SUMMARY_FILE,
+)
+"""Every file :func:`write_result` may write."""
 
 
 @dataclass
@@ -95,16 +115,98 @@ def write_curves(path: str | os.PathLike[str], curves: dict[str, np.ndarray]) ->
 
 
 def read_curves(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
-    """Read a curves CSV back into float arrays (``iteration`` as int)."""
-    with open(path, newline="") as handle:
-        rows = list(csv.reader(handle))
+    """Read a curves CSV back into float arrays (``iteration`` as int).
+
+    Raises:
+        UserError: naming the file (and the line): it is missing or unreadable, not CSV text, has
+            no ``iteration`` column or no row, a row of another length than the header, a value
+            that is not a number, or an iteration that is not a whole number.
+    """
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.reader(handle))
+    except OSError as err:
+        raise UserError(f"curves file {path} is not readable: {err.strerror or err}") from err
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise UserError(f"curves file {path} is not CSV text ({err})") from err
+    if not rows or "iteration" not in rows[0]:
+        raise UserError(f"curves file {path} has no header line with an iteration column")
     names, body = rows[0], rows[1:]
-    curves = {
-        name: np.array([float(r[i]) if r[i] else np.nan for r in body], dtype=np.float64)
-        for i, name in enumerate(names)
-    }
-    curves["iteration"] = curves["iteration"].astype(np.int64)
+    if not body:
+        raise UserError(f"curves file {path} has no measured iteration")
+    values = np.empty((len(body), len(names)), dtype=np.float64)
+    for line, row in enumerate(body, start=2):
+        if len(row) != len(names):
+            raise UserError(
+                f"curves file {path} line {line} has {len(row)} values for {len(names)} columns"
+            )
+        try:
+            values[line - 2] = [float(v) if v else np.nan for v in row]
+        except ValueError as err:
+            raise UserError(f"curves file {path} line {line}: {err}") from err
+    curves = {name: values[:, i] for i, name in enumerate(names)}
+    iterations = curves["iteration"]
+    whole = np.isfinite(iterations) & (iterations == np.round(iterations)) & (iterations >= 0)
+    if not whole.all():
+        line = int(np.flatnonzero(~whole)[0]) + 2
+        raise UserError(f"curves file {path} line {line}: the iteration is not a whole number")
+    curves["iteration"] = iterations.astype(np.int64)
     return curves
+
+
+def check_output_dir(path: str | os.PathLike[str]) -> None:
+    """Refuse, before any work and naming it, an output folder that cannot be made or written: a
+    file, a path through a file, or a place where nothing can be created (``/proc``, read-only
+    or full disks, no permission). Creates nothing (a probe folder is made and removed)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"output folder {path} is a file")
+    existing = next(folder for folder in (path, *path.parents) if folder.exists())
+    if not existing.is_dir():
+        raise UserError(f"cannot create output folder {path}: {existing} is not a folder")
+    try:
+        Path(tempfile.mkdtemp(prefix=".sdip-probe-", dir=existing)).rmdir()
+    except OSError as err:
+        raise UserError(
+            f"cannot create output folder {path}: nothing can be written in {existing} "
+            f"({write_failure(err)})"
+        ) from err
+
+
+@contextmanager
+def staged_folder(out: Path, replaces: Iterable[str] = ()) -> Iterator[Path]:
+    """A new temporary folder beside ``out`` to write into, which becomes ``out`` when the block
+    ends without error: renamed, when ``out`` does not exist yet; else its files are moved into
+    ``out`` one by one, each atomically, and the files named in ``replaces`` that this write did
+    not make are removed from ``out`` (they belong to an earlier write). On an error the
+    temporary folder is removed, with every parent folder made for it, and a
+    :class:`WriteError` names the file in ``out``."""
+    missing = [folder for folder in out.parents if not folder.exists()]
+    staging = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        staging.mkdir(parents=True)
+        yield staging
+        if out.is_dir():
+            for name in replaces:
+                if not (staging / name).exists():
+                    (out / name).unlink(missing_ok=True)
+            for item in staging.iterdir():
+                os.replace(item, out / item.name)
+            staging.rmdir()
+        else:
+            staging.rename(out)
+    except BaseException as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        for folder in missing:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        if isinstance(err, WriteError) and err.path.parent == staging:
+            raise WriteError(out / err.path.name, err.reason) from err
+        if isinstance(err, OSError):
+            raise WriteError(out, write_failure(err)) from err
+        raise
 
 
 def write_result(
@@ -113,22 +215,27 @@ def write_result(
     result: FitResult,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write a fit's images, curves and summary to ``out_dir``; return the summary."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_image(out / "observation.png", problem.observation)
-    if problem.clean is not None:
-        save_image(out / "clean.png", problem.clean)
-    save_image(out / "restored_stop.png", result.at_stop)
-    save_image(out / "restored_final.png", result.final)
-    if result.best is not None:
-        save_image(out / "restored_best.png", result.best)
-    write_curves(out / CURVES_FILE, result.curves)
+    """Write a fit's images (cut to the user's image, :meth:`Problem.crop_output`), curves and
+    summary to ``out_dir`` through :func:`staged_folder`; return the summary."""
     summary = {
         "task": problem.task.name,
         **result.summary(),
         "settings": result.config.flat(),
+        "region": None if problem.region is None else list(problem.region),
         **(extra or {}),
     }
-    write_json(out / SUMMARY_FILE, summary)
+    images = {
+        "observation.png": problem.observed_part(),
+        "clean.png": problem.clean,
+        "restored_stop.png": result.at_stop,
+        "restored_final.png": result.final,
+        "restored_best.png": result.best,
+    }
+    with staged_folder(Path(out_dir), RESULT_FILES) as folder:
+        for name, image in images.items():
+            if image is not None:
+                shown = image if name == "observation.png" else problem.crop_output(image)
+                save_image(folder / name, shown)
+        write_curves(folder / CURVES_FILE, result.curves)
+        write_json(folder / SUMMARY_FILE, summary)
     return summary

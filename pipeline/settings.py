@@ -28,9 +28,16 @@ from typing import Any
 import yaml
 
 from pipeline.degradations import TASKS, Degradation
-from pipeline.errors import UserError
+from pipeline.errors import (
+    LocatedSettings,
+    SettingError,
+    UserError,
+    check_int,
+    check_number,
+    located,
+)
 from pipeline.layout import CHECKPOINT_EVERY, TUNED, tuned_values_path
-from pipeline.stopping import StoppingConfig
+from pipeline.stopping import SECTION_RULES, StoppingConfig
 
 PARAMS_FILE = "params.yaml"
 PROFILES_DIR = "profiles"
@@ -39,21 +46,131 @@ TUNED_VALUE = "tuned"
 
 
 def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a YAML mapping; a missing or malformed file is a :class:`UserError`."""
+    """Read a YAML mapping; a missing, unreadable or malformed file is a :class:`UserError`."""
     try:
-        with open(path) as handle:
+        with open(path, encoding="utf-8") as handle:
             data = yaml.safe_load(handle)
     except FileNotFoundError as err:
         raise UserError(f"settings file not found: {path}") from err
+    except OSError as err:
+        raise UserError(f"settings file {path} is not readable: {err.strerror or err}") from err
+    except UnicodeDecodeError as err:
+        raise UserError(f"settings file {path} is not UTF-8 text ({err.reason})") from err
     except yaml.YAMLError as err:
-        raise UserError(f"settings file {path} is not valid YAML: {err}") from err
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"settings file {path} is not valid YAML{where}: {first}") from err
     if not isinstance(data, dict):
-        raise UserError(f"settings file {path} must hold a mapping")
+        raise UserError(f"settings file {path} must hold a mapping, not {type(data).__name__}")
     return data
 
 
 def load_params(path: str | os.PathLike[str] = PARAMS_FILE) -> dict[str, Any]:
-    return load_yaml(path)
+    """params.yaml, checked (:func:`check_params`)."""
+    params = load_yaml(path)
+    check_params(params)
+    return params
+
+
+def check_params(params: dict[str, Any]) -> None:
+    """Refuse a params.yaml value that a stage would trip over, naming its path
+    (``params.yaml data.resize``): the image sizes, every task's degradation parameters and
+    variants, the stopping rules, the sweeps, the checkpoint interval, the tuning batch, the FBC
+    thresholds and the phenomena's margins. Fit settings are checked where a fit's are composed
+    (:func:`fit_settings`), so that each names its own place."""
+    _check_sizes(_mapping(params.get("data"), "data"), "data")
+    for task, entry in _mapping(params.get("tasks"), "tasks").items():
+        _check_task(params, task, _mapping(entry, f"tasks.{task}"))
+    _check_stopping(params.get("stopping"))
+    sweeps = _mapping(params.get("sweeps"), "sweeps")
+    for key in ("iterations", "batch"):
+        if key in sweeps:
+            check_int(f"params.yaml sweeps.{key}", sweeps[key], 1)
+    for key, minimum in (("lam", None), ("gauss_sigma", 0)):
+        for index, value in enumerate(_list(sweeps.get(key), f"sweeps.{key}")):
+            check_number(f"params.yaml sweeps.{key}[{index}]", value, minimum)
+    checkpoint_every(params)
+    tune = _mapping(params.get("tune"), "tune")
+    if "batch" in tune:
+        check_int("params.yaml tune.batch", tune["batch"], 1)
+    fbc = _mapping(params.get("fbc"), "fbc")
+    for index, value in enumerate(_list(fbc.get("thresholds"), "fbc.thresholds")):
+        check_number(f"params.yaml fbc.thresholds[{index}]", value, maximum=1, above=0)
+    checked = _mapping(_mapping(params.get("aggregate"), "aggregate").get("phenomena"), "")
+    for key in PHENOMENA_MARGINS:
+        if key in checked:
+            check_number(f"params.yaml aggregate.phenomena.{key}", checked[key], 0)
+
+
+PHENOMENA_MARGINS = ("min_baseline_drop", "max_controlled_drop", "max_stop_gap")
+"""The numeric margins of params.yaml ``aggregate.phenomena`` (dB)."""
+
+
+def _mapping(value: object, where: str) -> dict[str, Any]:
+    """``value`` when it is a mapping, ``{}`` when absent; anything else names ``where``."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UserError(f"params.yaml {where} must be a mapping, got {value!r}")
+    return value
+
+
+def _list(value: object, where: str) -> list[Any]:
+    """``value`` when it is a list, ``[]`` when absent; anything else names ``where``."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise UserError(f"params.yaml {where} must be a list, got {value!r}")
+    return value
+
+
+def _check_sizes(section: dict[str, Any], where: str) -> None:
+    """``resize`` (short side) and ``crop`` (square side): null or an integer >= 1."""
+    for key in ("resize", "crop"):
+        if section.get(key) is not None:
+            check_int(f"params.yaml {where}.{key}", section[key], 1)
+
+
+def _check_task(params: dict[str, Any], task: str, entry: dict[str, Any]) -> None:
+    """One ``tasks.<task>`` entry: a known task whose observation settings make a degradation
+    for every value of its variant."""
+    if task not in TASKS:
+        raise UserError(f"params.yaml tasks.{task}: unknown task; valid: {', '.join(TASKS)}")
+    cls = TASKS[task]
+    where = f"tasks.{task}.observe"
+    observe = _mapping(entry.get("observe"), where)
+    _check_sizes(observe, where)
+    if observe.get("channels") not in (None, 1, 3):
+        raise UserError(f"params.yaml {where}.channels must be 1, 3 or null")
+    base = {k: observe[k] for k in cls.parameters() if k in observe and k not in cls.files}
+    for index, value in enumerate(task_variants(params, task)):
+        values = base if value is None else {**base, cls.variant: value}
+        try:
+            cls(**values)
+        except SettingError as err:
+            key = err.setting
+            path = f"{cls.variant_list}[{index}]" if key == cls.variant else key
+            raise UserError(f"params.yaml {where}.{path}: {err}") from err
+
+
+def _check_stopping(section: object) -> None:
+    try:
+        StoppingConfig(**StoppingConfig.flatten(section))  # type: ignore[arg-type]
+    except SettingError as err:
+        raise located(err, _stopping_origins(section)) from err
+
+
+def _stopping_origins(section: object) -> LocatedSettings:
+    """Where params.yaml's ``stopping`` section wrote each flat setting (``ratio_eps`` →
+    ``params.yaml stopping.ratio.eps``)."""
+    flat = StoppingConfig.flatten(section)  # type: ignore[arg-type]
+    origins = {}
+    for rule, prefix in SECTION_RULES.items():
+        for name in flat:
+            if name.startswith(f"{prefix}_"):
+                origins[name] = f"params.yaml stopping.{rule}.{name[len(prefix) + 1 :]}"
+    return LocatedSettings(flat, origins)
 
 
 def section(params: dict[str, Any], *keys: str) -> Any:
@@ -114,11 +231,13 @@ def task_lam(values: dict[str, Any], upsample: object) -> dict[str, Any]:
     return values
 
 
-def standalone_settings(task: str, options: dict[str, Any]) -> dict[str, Any]:
+def standalone_settings(task: str, options: dict[str, Any]) -> LocatedSettings:
     """The flat fit settings of a fit outside the pipeline (``sdip fit``, ``sdip tune`` on a
-    file): the task's defaults (:attr:`Degradation.defaults`) < the given ``options``."""
+    file): the task's defaults (:attr:`Degradation.defaults`) < the given ``options``, each
+    located at its option (``--lr``)."""
     given = {k: v for k, v in options.items() if v is not None}
-    return {**task_lam(task_class(task).defaults, given.get("upsample")), **given}
+    values = {**task_lam(task_class(task).defaults, given.get("upsample")), **given}
+    return LocatedSettings(values, {k: f"--{k.replace('_', '-')}" for k in given})
 
 
 def fit_settings(
@@ -129,20 +248,33 @@ def fit_settings(
     variant: str = "default",
     overrides: dict[str, Any] | None = None,
     tuned_root: Path = TUNED,
-) -> dict[str, Any]:
+) -> LocatedSettings:
     """The flat fit settings of one (task, method, image), later winning: the flattened
     ``stopping`` section < the task's defaults (:attr:`Degradation.defaults`) < ``fit`` < the
     task's ``fit`` < the image's entry of the task's ``per_image`` < method < ``overrides``.
 
     A method's ``lam: task`` takes the task's λ for the method's upsampler (:func:`task_lam`);
     a value ``tuned`` of any setting takes the image's tuned value (:func:`tuned_values_path`).
+    Each setting remembers where it was written, so that a bad value names its place
+    (``params.yaml tasks.sr.fit.lr``) when :meth:`pipeline.fit.FitConfig.from_dict` refuses it.
     """
-    task_fit = dict(section(params, "tasks", task).get("fit") or {})
-    task_fit.update(_per_image(params, task, task_fit.pop("per_image", None), image))
+    where = f"params.yaml tasks.{task}.fit"
+    task_fit = dict(_mapping(section(params, "tasks", task).get("fit"), f"tasks.{task}.fit"))
+    task_origins = {key: f"{where}.{key}" for key in task_fit}
+    own = _per_image(params, task, task_fit.pop("per_image", None), image)
+    task_fit.update(own)
+    task_origins.update({key: f"{where}.per_image.{image}.{key}" for key in own})
     task_values = {**task_class(task).defaults, **task_fit}
-    method_values = {**dict(section(params, "methods", method)), **(overrides or {})}
+    methods = _mapping(section(params, "methods", method), f"methods.{method}")
+    method_values = {**methods, **(overrides or {})}
+    method_origins = {key: f"params.yaml methods.{method}.{key}" for key in methods}
+    method_origins.update({key: f"command line {key}" for key in overrides or {}})
     if method_values.get("lam") == "task":
-        method_values["lam"] = task_lam(task_values, method_values.get("upsample"))["lam"]
+        upsample = method_values.get("upsample")
+        method_values["lam"] = task_lam(task_values, upsample)["lam"]
+        gaussian = upsample == "gaussian" and task_values.get("lam_gaussian") is not None
+        lam_key = "lam_gaussian" if gaussian else "lam"
+        method_origins["lam"] = task_origins.get(lam_key, f"the task's default {lam_key}")
     wanted = [key for key, value in method_values.items() if value == TUNED_VALUE]
     if wanted:
         if image is None:
@@ -158,15 +290,30 @@ def fit_settings(
             if key not in tuned:
                 raise UserError(f"{path} has no tuned {key} (tuned: {', '.join(tuned)})")
             method_values[key] = tuned[key]
-    stopping = StoppingConfig.flatten(params.get("stopping"))
-    defaults = task_lam(task_class(task).defaults, None)
-    return {
-        **stopping,
-        **defaults,
-        **dict(section(params, "fit")),
-        **task_lam(task_fit, None),
-        **method_values,
-    }
+            method_origins[key] = f"{path} {key}"
+    fit = _mapping(section(params, "fit"), "fit")
+    stopping = _stopping_origins(params.get("stopping"))
+    return _merged(
+        (stopping, stopping.origins),
+        (task_lam(task_class(task).defaults, None), {}),
+        (fit, {key: f"params.yaml fit.{key}" for key in fit}),
+        (task_lam(task_fit, None), task_origins),
+        (method_values, method_origins),
+    )
+
+
+def _merged(*layers: tuple[dict[str, Any], dict[str, str]]) -> LocatedSettings:
+    """``(values, origins)`` layers merged, later winning, each value keeping its own origin."""
+    values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    for layer, where in layers:
+        values.update(layer)
+        for key in layer:
+            if key in where:
+                origins[key] = where[key]
+            else:
+                origins.pop(key, None)
+    return LocatedSettings(values, origins)
 
 
 def _per_image(
@@ -197,7 +344,5 @@ def checkpoint_every(params: dict[str, Any]) -> int:
     """Iterations between two checkpoints of a running fit: params.yaml's ``checkpoints.every``
     (:data:`pipeline.layout.CHECKPOINT_EVERY` when absent). It changes no result, so no stage
     declares it as a parameter."""
-    every = (params.get("checkpoints") or {}).get("every", CHECKPOINT_EVERY)
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise UserError(f"params.yaml checkpoints.every must be an integer >= 1, got {every!r}")
-    return every
+    every = _mapping(params.get("checkpoints"), "checkpoints").get("every", CHECKPOINT_EVERY)
+    return check_int("params.yaml checkpoints.every", every, 1)

@@ -16,7 +16,6 @@ without a host synchronisation per iteration.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, check_int, check_number
 
 RATIO_WINDOW = 100
 RATIO_EPS = 0.01
@@ -56,15 +55,10 @@ class StoppingConfig:
 
     def __post_init__(self) -> None:
         _check_window(self.ratio_window, self.ratio_eps)
-        checks = {
-            "wmv_window": self.wmv_window >= 0,
-            "wmv_patience": self.wmv_patience >= 1,
-            "emv_alpha": 0 < self.emv_alpha <= 1,
-            "emv_patience": self.emv_patience >= 1,
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise UserError(f"invalid stopping setting {name}={getattr(self, name)!r}")
+        check_int("wmv_window", self.wmv_window, 0)
+        check_int("wmv_patience", self.wmv_patience, 1)
+        check_number("emv_alpha", self.emv_alpha, maximum=1, above=0)
+        check_int("emv_patience", self.emv_patience, 1)
 
     @staticmethod
     def flatten(section: dict[str, Any] | None) -> dict[str, Any]:
@@ -88,12 +82,8 @@ class StoppingConfig:
 
 
 def _check_window(window: int, eps: float) -> None:
-    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
-        raise UserError(f"stopping window must be an integer of at least 2, got {window!r}")
-    if isinstance(eps, bool) or not isinstance(eps, int | float) or not math.isfinite(eps):
-        raise UserError(f"stopping epsilon must be a finite number, got {eps!r}")
-    if eps <= 0:
-        raise UserError(f"stopping epsilon must be positive, got {eps}")
+    check_int("ratio_window", window, 2)
+    check_number("ratio_eps", eps, above=0)
 
 
 def ratio_rule(
@@ -128,8 +118,7 @@ def oracle_peak(psnr: np.ndarray) -> int | None:
 
 def _patience_stop(variance: np.ndarray, patience: int) -> int | None:
     """Index of the running minimum once it has not improved for ``patience`` measurements."""
-    if patience < 1:
-        raise UserError(f"stopping patience must be at least 1, got {patience}")
+    check_int("patience", patience, 1)
     v = np.asarray(variance, dtype=np.float64)
     best, best_at = np.inf, -1
     for i, value in enumerate(v):

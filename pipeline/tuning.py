@@ -45,7 +45,7 @@ from torch import Tensor
 
 from pipeline.checkpoint import checkpoint_for, saved_meta
 from pipeline.degradations import Degradation
-from pipeline.errors import UserError
+from pipeline.errors import UserError, check_bool, check_choice, check_int, check_number
 from pipeline.fit import FitConfig, MemberView, fit_many
 from pipeline.layout import CHECKPOINT_EVERY
 from pipeline.problem import Problem
@@ -166,10 +166,7 @@ class TuneConfig:
     baseline: bool = True
 
     def __post_init__(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise UserError(
-                f"unknown objective {self.objective!r}; choose {' or '.join(OBJECTIVES)}"
-            )
+        check_choice("objective", self.objective, OBJECTIVES)
         unknown = [name for name in (*self.search, *self.ranges) if name not in SEARCHABLE]
         if unknown:
             raise UserError(
@@ -178,19 +175,19 @@ class TuneConfig:
         if not self.search or len(set(self.search)) != len(self.search):
             raise UserError(f"search must name distinct settings, got {list(self.search)}")
         for name, bounds in self.ranges.items():
-            low, high = (float(v) for v in bounds)
-            if not 0 < low < high:
+            low, high = (check_number(f"range of {name}", v, above=0) for v in bounds)
+            if not low < high:
                 raise UserError(f"range of {name} must satisfy 0 < low < high, got {bounds}")
-        checks = {
-            "trials": self.trials >= 1,
-            "holdout": 0 < self.holdout < 1,
-            "startup_trials": self.startup_trials >= 0,
-            "prune_startup": self.prune_startup >= 0,
-            "prune_warmup": self.prune_warmup is None or self.prune_warmup >= 0,
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise UserError(f"invalid tune setting {name}={getattr(self, name)!r}")
+        check_int("trials", self.trials, 1)
+        check_number("holdout", self.holdout, above=0, below=1)
+        check_int("holdout_seed", self.holdout_seed, 0)
+        check_int("sampler_seed", self.sampler_seed, 0)
+        check_int("startup_trials", self.startup_trials, 0)
+        check_bool("prune", self.prune)
+        check_int("prune_startup", self.prune_startup, 0)
+        if self.prune_warmup is not None:
+            check_int("prune_warmup", self.prune_warmup, 0)
+        check_bool("baseline", self.baseline)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TuneConfig:
@@ -205,8 +202,10 @@ class TuneConfig:
         search = values.get("search")
         if isinstance(search, str):
             values["search"] = tuple(s.strip() for s in search.split(",") if s.strip())
-        elif search is not None:
+        elif isinstance(search, list | tuple):
             values["search"] = tuple(search)
+        elif search is not None:
+            raise UserError(f"tune search must be a list of settings, got {search!r}")
         ranges = values.get("ranges") or {}
         if not isinstance(ranges, dict):
             raise UserError(f"tune ranges must map a setting to [low, high], got {ranges!r}")

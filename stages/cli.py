@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from pipeline.errors import FitInterruptedError, UserError
+from pipeline.errors import FitInterruptedError, UserError, write_failure
 
 COMMANDS = {
     "fit": "stages.fit:fit_command",
@@ -25,10 +25,23 @@ COMMANDS = {
 importing every stage's dependencies (Optuna, matplotlib) each time would cost seconds."""
 
 
+def out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is a failed allocation: Python's, PyTorch's on a GPU, or its CPU
+    allocator's (a RuntimeError that says so)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(err, torch.OutOfMemoryError):
+        return True
+    return isinstance(err, MemoryError) or (
+        isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
+    )
+
+
 class SdipGroup(click.Group):
     """Loads sub-commands lazily and turns a :class:`UserError` into one ``error:`` line and exit
     status 1, and an interrupted fit (its state saved) into one line and 128 + the signal, as a
-    shell reports a process the signal ended; neither with a traceback."""
+    shell reports a process the signal ended; neither with a traceback. Running out of memory (a
+    huge ``--width``, image or budget) and an ``OSError`` of the file system are one ``error:``
+    line too."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(COMMANDS)
@@ -49,6 +62,20 @@ class SdipGroup(click.Group):
         except FitInterruptedError as err:
             click.echo(str(err), err=True)
             sys.exit(128 + err.signal_number)
+        except OSError as err:
+            # a file system refusal the command did not foresee (a folder in /proc, a full disk)
+            where = f"{err.filename}: " if err.filename else ""
+            click.echo(f"error: {where}{write_failure(err)}", err=True)
+            sys.exit(1)
+        except (MemoryError, RuntimeError) as err:
+            if not out_of_memory(err):
+                raise
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            click.echo(
+                f"error: out of memory ({first}); use a smaller image, --width or budget",
+                err=True,
+            )
+            sys.exit(1)
 
 
 @click.group(cls=SdipGroup)

@@ -11,9 +11,11 @@ import click
 from tqdm import tqdm
 
 from pipeline.checkpoint import Checkpoint
+from pipeline.errors import SettingError, located
 from pipeline.fit import FitConfig, MemberView, fit, resolve_device
-from pipeline.problem import Problem, load_problem
-from pipeline.results import FitResult, write_result
+from pipeline.model import output_grid
+from pipeline.problem import FitSize, Problem, load_problem
+from pipeline.results import FitResult, check_output_dir, write_result
 from pipeline.runtime import configure
 from pipeline.settings import standalone_settings
 from stages.options import (
@@ -41,11 +43,19 @@ def progress_callback(total: int) -> tuple[tqdm, Callable[[MemberView], None]]:
 
 def run_fit(problem: Problem, config: FitConfig, checkpoint: Checkpoint | None = None) -> FitResult:
     """Fit ``problem`` with a progress bar, after the process-wide settings of ``config``;
-    resumable from ``checkpoint``."""
+    resumable from ``checkpoint``. PSNR against the clean image is read on the problem's region."""
     configure(config.threads, config.precision, resolve_device(config.device))
     bar, update = progress_callback(config.iterations)
     with bar:
-        return fit(problem.observation, problem.task, config, [update], problem.clean, checkpoint)
+        return fit(
+            problem.observation,
+            problem.task,
+            config,
+            [update],
+            problem.clean,
+            checkpoint,
+            problem.region,
+        )
 
 
 @click.command("fit", cls=TaskCommand)
@@ -53,6 +63,13 @@ def run_fit(problem: Problem, config: FitConfig, checkpoint: Checkpoint | None =
 @click.argument("image", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--out-dir", type=click.Path(file_okay=False, path_type=Path), required=True)
 @photo_options
+@click.option(
+    "--crop",
+    "crop_image",
+    is_flag=True,
+    help="Centre-crop IMAGE to multiples of 32 (the paper's protocol) instead of padding it by "
+    "reflection; the outputs are then the crop, not the whole image.",
+)
 @fit_options
 @click.option("--halt-at-stop", is_flag=True, help="End the fit when the ratio rule fires.")
 def fit_command(
@@ -62,15 +79,25 @@ def fit_command(
     is_observed: bool,
     mask: Path | None,
     channels: str | None,
+    crop_image: bool,
     halt_at_stop: bool,
     **options: Any,
 ) -> None:
-    """Fit the deep image prior to IMAGE for TASK and write the results to OUT_DIR."""
+    """Fit the deep image prior to IMAGE for TASK and write the results to OUT_DIR.
+
+    IMAGE may have any size of at least 32 px a side (an SR photo: 32/factor): it is padded by
+    reflection to the network's sizes and the outputs are cut back to it (``--crop``: cropped).
+    """
     degradation = task_params(task, options)
     settings = standalone_settings(task, {**fit_values(options), "halt_at_stop": halt_at_stop})
     config = FitConfig.from_dict(settings)
+    check_output_dir(out_dir)
     channel_count = None if channels is None else int(channels)
-    problem = load_problem(task, image, degradation, mask, channel_count, is_observed)
+    size = FitSize("crop" if crop_image else "pad", *output_grid(config.model))
+    try:
+        problem = load_problem(task, image, degradation, mask, channel_count, is_observed, size)
+    except SettingError as err:
+        raise located(err, degradation) from err
     result = run_fit(problem, config)
     extra = {"image": str(image), "task_params": degradation}
     summary = write_result(out_dir, problem, result, extra)

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-import inspect
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -12,6 +12,7 @@ import click
 import yaml
 
 from pipeline.degradations import TASKS
+from pipeline.errors import LocatedSettings
 from pipeline.runtime import PRECISIONS
 from pipeline.upsample import UPSAMPLE_KINDS
 
@@ -108,21 +109,22 @@ class TaskCommand(click.Command):
         known = {param.name for param in params}
         extra: list[click.Parameter] = []
         for cls in TASKS.values():
+            # the constructor's annotations, not its defaults: sigma = 25 is a float
+            kinds = typing.get_type_hints(cls.__init__)
             for name, text in cls.options.items():
                 if name in known:
                     continue
                 known.add(name)
-                default = inspect.signature(cls).parameters[name].default
-                kind = click.BOOL if isinstance(default, bool) else type(default)
                 extra.append(
-                    click.Option([f"--{name.replace('_', '-')}", name], type=kind, help=text)
+                    click.Option([f"--{name.replace('_', '-')}", name], type=kinds[name], help=text)
                 )
         return params[:-1] + extra + params[-1:]
 
 
-def task_params(task: str, options: dict[str, Any]) -> dict[str, Any]:
+def task_params(task: str, options: dict[str, Any]) -> LocatedSettings:
     """Take every task's degradation options out of ``options``; the ones given must belong to
-    ``task`` (a usage error names the tasks they apply to)."""
+    ``task`` (a usage error names the tasks they apply to). Each is located at its option, for
+    error messages (:func:`pipeline.errors.located`)."""
     given = {}
     for cls in TASKS.values():
         for name in cls.options:
@@ -133,7 +135,7 @@ def task_params(task: str, options: dict[str, Any]) -> dict[str, Any]:
             if task not in owners:
                 raise click.UsageError(f"--{name} applies to {', '.join(owners)}, not {task}")
             given[name] = value
-    return given
+    return LocatedSettings(given, {name: f"--{name.replace('_', '-')}" for name in given})
 
 
 TUNE_OPTIONS: list[tuple[str, Any, str]] = [

@@ -43,12 +43,23 @@ def test_fit_writes_images_curves_and_summary(rgb_png: Path, tmp_path: Path):
         "summary.json",
     ):
         assert (out / name).is_file(), name
-    with Image.open(out / "restored_final.png") as restored:
-        assert restored.size == (96, 64)  # centre-cropped to multiples of 32
+    for name in ("observation.png", "clean.png", "restored_final.png"):
+        with Image.open(out / name) as written:
+            assert written.size == (97, 70), name  # padded to 128×96, cut back to the image
     summary = json.loads((out / "summary.json").read_text())
     assert summary["iterations_run"] == 12 and summary["settings"]["lam"] == 1.4
+    assert summary["region"] == [13, 15, 70, 97]  # (128 − 97) // 2 = 15, (96 − 70) // 2 = 13
     assert len((out / "curves.csv").read_text().splitlines()) == 13
     assert not list(out.glob("*.tmp*")) and not list(out.glob(".*"))
+
+
+def test_fit_with_crop_keeps_the_papers_centre_crop(rgb_png: Path, tmp_path: Path):
+    out = tmp_path / "cropped"
+    result = invoke("fit", "denoising", rgb_png, "-o", out, "--crop", *TINY)
+    assert result.exit_code == 0, result.output
+    with Image.open(out / "restored_final.png") as restored:
+        assert restored.size == (96, 64)  # centre-cropped to multiples of 32
+    assert json.loads((out / "summary.json").read_text())["region"] is None
 
 
 def test_fit_on_an_observed_photo_has_no_clean_outputs(rgb_png: Path, tmp_path: Path):

@@ -1,5 +1,6 @@
 """Tests of pipeline.imageio: loading, cropping, saving and masks on small odd-sized images."""
 
+import errno
 from pathlib import Path
 
 import h5py
@@ -112,13 +113,9 @@ def test_load_errors(tmp_path: Path, rng: np.random.Generator) -> None:
         load_image(bogus)
     with pytest.raises(UserError, match="not a file"):
         load_image(tmp_path)
-    small = _write(tmp_path / "small.png", rng.integers(0, 256, (31, 64), dtype=np.uint8))
-    with pytest.raises(UserError, match=r"small\.png.*31×64.*minimum is 32"):
-        load_image(small)
-    assert load_image(_write(tmp_path / "ok.png", np.zeros((32, 32), np.uint8))).shape[-2:] == (
-        32,
-        32,
-    )
+    # Any size loads; where it meets the network the size is checked (tests/test_bad_inputs.py).
+    small = _write(tmp_path / "small.png", rng.integers(0, 256, (3, 5), dtype=np.uint8))
+    assert load_image(small).shape == (1, 1, 3, 5)
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -145,10 +142,10 @@ def test_save_is_atomic_and_overwrites(tmp_path: Path) -> None:
 
 def test_failed_save_leaves_no_temp_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(src: object, dst: object) -> None:
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr("pipeline.imageio.os.replace", refuse)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(UserError, match=r"cannot write .*x\.png: No space left .*disk is full"):
         save_image(tmp_path / "x.png", torch.zeros(1, 1, H, W))
     assert list(tmp_path.iterdir()) == []
 
