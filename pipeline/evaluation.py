@@ -17,7 +17,6 @@ fit recorded in ``summary.json["settings"]``.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from pipeline.errors import UserError
 from pipeline.imageio import load_image
 from pipeline.layout import RESULTS, SWEEPS
 from pipeline.measures import ssim
-from pipeline.results import CURVES_FILE, SUMMARY_FILE, read_curves
+from pipeline.results import CURVES_FILE, SUMMARY_FILE, read_curves, read_summary
 from pipeline.stopping import StoppingConfig, es_emv, es_wmv, oracle_peak
 
 EVALUATION_CSV = RESULTS / "evaluation.csv"
@@ -96,7 +95,7 @@ def rule_stops(curves: dict[str, np.ndarray], summary: dict[str, Any]) -> dict[s
 
 def read_run(folder: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """A fit's logged curves and its summary."""
-    return read_curves(folder / CURVES_FILE), json.loads((folder / SUMMARY_FILE).read_text())
+    return read_curves(folder / CURVES_FILE), read_summary(folder)
 
 
 def _ssim_of(folder: Path, name: str, clean: Any) -> float | None:

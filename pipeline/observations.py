@@ -22,16 +22,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.degradations import TASKS
+from pipeline.degradations import MASK_FILE, TASKS
 from pipeline.errors import UserError
 from pipeline.imageio import load_image, save_image, write_bytes_atomic
 from pipeline.layout import prepared_dir
 from pipeline.problem import Problem
-from pipeline.results import write_json
+from pipeline.results import staged_folder, write_json
 from pipeline.settings import parse_variant, task_class, task_variants, variant_name
 
 META_FILE = "meta.json"
 OBSERVATION_FILE = "observation.npy"
+PREPARED_FILES = (META_FILE, OBSERVATION_FILE, "observation.png", "clean.png", MASK_FILE)
+"""Every file a prepared observation may hold: a rewrite removes the ones it does not make."""
 
 
 def _sha256(array: np.ndarray) -> str:
@@ -40,23 +42,24 @@ def _sha256(array: np.ndarray) -> str:
 
 
 def write_observation(folder: Path, problem: Problem, meta: dict[str, Any]) -> dict[str, Any]:
-    """Write one prepared observation; returns the meta data written."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write one prepared observation, all files or none (a staged folder renamed at the end);
+    returns the meta data written."""
     array = problem.observation[0].cpu().numpy().astype(np.float32)
     buffer = io.BytesIO()
     np.save(buffer, array)
-    write_bytes_atomic(folder / OBSERVATION_FILE, buffer.getvalue())
-    save_image(folder / "observation.png", problem.observation)
-    if problem.clean is not None:
-        save_image(folder / "clean.png", problem.clean)
-    problem.task.save(folder)
     full = {
         **meta,
         "task": problem.task.name,
         "params": problem.task.params(),
         "observation_sha256": _sha256(array),
     }
-    write_json(folder / META_FILE, full)
+    with staged_folder(folder, replaces=PREPARED_FILES) as staging:
+        write_bytes_atomic(staging / OBSERVATION_FILE, buffer.getvalue())
+        save_image(staging / "observation.png", problem.observation)
+        if problem.clean is not None:
+            save_image(staging / "clean.png", problem.clean)
+        problem.task.save(staging)
+        write_json(staging / META_FILE, full)
     return full
 
 
@@ -70,6 +73,8 @@ def read_observation(folder: Path) -> tuple[Problem, dict[str, Any]]:
         meta = json.loads(meta_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UserError(f"{meta_path} is not readable JSON ({err}); rerun prepare") from err
+    if not isinstance(meta, dict) or not isinstance(meta.get("params"), dict):
+        raise UserError(f"{meta_path} has no degradation params; rerun prepare")
     array_path = folder / OBSERVATION_FILE
     try:
         array = np.load(array_path, allow_pickle=False)
@@ -81,9 +86,9 @@ def read_observation(folder: Path) -> tuple[Problem, dict[str, Any]]:
             "it was prepared; rerun the prepare stage"
         )
     observation = torch.from_numpy(array)[None]
-    cls = TASKS.get(meta.get("task", ""))
+    cls = TASKS.get(str(meta.get("task")))
     if cls is None:
-        raise UserError(f"{meta_path} names an unknown task {meta['task']!r}")
+        raise UserError(f"{meta_path} names an unknown task {meta.get('task')!r}")
     task = cls.load(dict(meta["params"]), folder)
     clean_path = folder / "clean.png"
     clean = load_image(clean_path) if clean_path.is_file() else None

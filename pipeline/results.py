@@ -154,6 +154,18 @@ def read_curves(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     return curves
 
 
+def read_summary(folder: Path) -> dict[str, Any]:
+    """A fit's ``summary.json``; a missing or corrupt one is a :class:`UserError` naming it."""
+    path = folder / SUMMARY_FILE
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{path} is not a readable summary ({err}); rerun the fit") from err
+    if not isinstance(summary, dict) or not isinstance(summary.get("settings"), dict):
+        raise UserError(f"{path} is not a fit's summary (no settings); rerun the fit")
+    return summary
+
+
 def check_output_dir(path: str | os.PathLike[str]) -> None:
     """Refuse, before any work and naming it, an output folder that cannot be made or written: a
     file, a path through a file, or a place where nothing can be created (``/proc``, read-only

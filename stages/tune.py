@@ -23,6 +23,7 @@ from pipeline.fit import FitConfig, resolve_device
 from pipeline.layout import CHECKPOINT_EVERY, TUNED_VALUES, tuned_dir
 from pipeline.observations import read_prepared
 from pipeline.problem import Problem, load_problem
+from pipeline.results import check_output_dir
 from pipeline.runtime import configure, handle_termination
 from pipeline.settings import (
     checkpoint_every,
@@ -96,6 +97,7 @@ def tune_command(task: str, image: str, **options: Any) -> None:
     handle_termination()
     where = {"task": task, "variant": variant, "image": name}
     out = options["out_dir"] or tuned_dir(task, variant, name)
+    check_output_dir(out)
     tags = {"profile": tracking, "dvc_stage": options["dvc_stage"]}
     run_study(
         problem,

@@ -432,6 +432,7 @@ PREPARED = Path("data/prepared/denoising/sigma25/astronaut")
         (lambda f: np.save(f / "observation.npy", np.zeros((3, 64, 64), np.float32)), "sha256"),
         (lambda f: (f / "clean.png").write_bytes(b"\x89PNG broken"), "not a readable image"),
         (meta_with_param, "unknown parameter(s) bogus for task 'denoising'"),
+        (lambda f: (f / "meta.json").write_text("[1, 2]"), "meta.json has no degradation params"),
     ],
 )
 def test_a_corrupt_prepared_observation_is_one_line(repo: Path, damage, needle):
@@ -502,6 +503,24 @@ def test_a_corrupt_curves_file_stops_evaluate_with_one_line(repo: Path):
     curves = Path("runs/denoising/sigma25/astronaut/dip/curves.csv")
     curves.write_text("iteration,loss\n0,0.1\n1,oops\n")
     assert_one_error(invoke("evaluate"), f"curves file {curves} line 3")
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [("{broken", "is not a readable summary"), ('{"task": "denoising"}', "no settings")],
+)
+def test_a_corrupt_summary_stops_evaluate_with_one_line(repo: Path, content: str, needle: str):
+    assert invoke(*OPTIMIZE).exit_code == 0
+    summary = Path("runs/denoising/sigma25/astronaut/dip/summary.json")
+    summary.write_text(content)
+    assert_one_error(invoke("evaluate"), str(summary), needle)
+    assert not Path("results/evaluation.csv").exists()
+
+
+def test_tune_refuses_an_impossible_output_folder_before_its_study(photo: Path):
+    result = invoke("tune", "denoising", photo, "--out", "/proc/forbidden", "--storage", "memory")
+    assert_one_error(result, "/proc/forbidden")
+    assert "study" not in result.output  # refused before the study opened
 
 
 # ---------------------------------------------------------------- image modes
