@@ -169,7 +169,7 @@ def run_study(
     if tracking is not None:
         tags = {**where, "objective": config.objective, "optuna_storage": shown, **tracking}
         params = {**{f"tune.{k}": v for k, v in vars(config).items()}, **base.flat()}
-        tracker = StudyTracker(study, f"tune-{where['task']}", tags, params)
+        tracker = StudyTracker(study, f"tune-{where['task']}", tags, params, out)
 
     def on_trial(outcome: TrialOutcome) -> None:
         echo(trial_line(outcome))
