@@ -47,9 +47,9 @@ DVC_EXPERIMENT_WORKSPACES = os.path.join(".dvc", "tmp", "exps")
 CONTENT_TAG = "content_sha256"
 """Tag of a fit's run: the sha256 of its run folder's content (:func:`content_sha256`)."""
 FOLDER_TAG = "run_folder"
+"""Tag of a fit's run: the run folder it was logged from."""
 DESCRIBED = ("task", "variant", "image", "method")
 """Keys of a fit's ``summary.json`` that are both params and tags of its run."""
-"""Tag of a fit's run: the run folder it was logged from."""
 LOCK_RETRY_S = 60.0
 """How long a call that finds the SQLite store locked is retried (beyond MLflow's own 20 s busy
 timeout per transaction) before the logging gives up."""
@@ -398,19 +398,23 @@ def relog_folders(fits: list[RunFolder]) -> list[bool]:
     """Log the ``fits`` whose content is not logged yet (a run whose logging stopped half-way is
     replaced, :func:`already_logged`; fits of equal content are one), under one parent run
     ``relog`` per experiment. Returns, per fit, whether it was logged now."""
-    todo: dict[str, list[RunFolder]] = {}
     mlflow = client()
-    for fit in fits:
+    todo: dict[str, dict[str, int]] = {}  # experiment id → content digest → index of its fit
+    for index, fit in enumerate(fits):
         exp = experiment_id(mlflow, fit.experiment)
-        digests = {other.digest for other in todo.get(exp, [])}
-        if fit.digest not in digests and not already_logged(mlflow, exp, fit):
-            todo.setdefault(exp, []).append(fit)
+        group = todo.setdefault(exp, {})
+        if fit.digest not in group and not already_logged(mlflow, exp, fit):
+            group[fit.digest] = index
+    logged = [False] * len(fits)
     for exp, group in todo.items():
-        with stage_run(group[0].experiment, "relog", {}) as (mlflow, _, parent):
-            for fit in group:
-                fit.log(mlflow, exp, parent, {})
-    logged = {id(fit) for group in todo.values() for fit in group}
-    return [id(fit) in logged for fit in fits]
+        if not group:
+            continue
+        experiment = fits[next(iter(group.values()))].experiment
+        with stage_run(experiment, "relog", {}) as (mlflow, _, parent):
+            for index in group.values():
+                fits[index].log(mlflow, exp, parent, {})
+                logged[index] = True
+    return logged
 
 
 def log_files(

@@ -46,6 +46,14 @@ def file_values(folder: Path) -> dict[str, dict[int, float]]:
     }
 
 
+def artifact_paths(uri: str, run_id: str, folder: str | None = None) -> set[str]:
+    """Every artifact file of a run (under ``folder``), by its path."""
+    found: set[str] = set()
+    for artifact in mlflow_client(uri).list_artifacts(run_id, folder):
+        found |= artifact_paths(uri, run_id, artifact.path) if artifact.is_dir else {artifact.path}
+    return found
+
+
 def folder_digest(folder: Path) -> str:
     """The sha256 of the folder's summary.json followed by its curves.csv."""
     summary, curves = ((folder / name).read_bytes() for name in (SUMMARY_FILE, CURVES_FILE))
@@ -69,7 +77,7 @@ def assert_run_equals_folder(uri: str, run, folder: Path) -> None:
     scalars = {k: v for k, v in summary.items() if isinstance(v, int | float)}
     assert {k: run.data.metrics[k] for k in scalars} == scalars
     assert run.data.tags["content_sha256"] == folder_digest(folder)
-    present = {a.path for a in mlflow.list_artifacts(run.info.run_id)}
+    present = artifact_paths(uri, run.info.run_id)
     assert present == {name for name in ARTIFACTS if (folder / name).exists()}
     with tempfile.TemporaryDirectory() as downloads:
         for name in present:

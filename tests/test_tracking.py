@@ -29,6 +29,7 @@ from pipeline.results import CURVES_FILE, SUMMARY_FILE
 from stages.cli import cli
 from tests.dvc_repo import ITERATIONS, ROOT, shrunk_params
 from tests.mlflow_view import (
+    artifact_paths,
     assert_run_equals_folder,
     file_values,
     fit_runs,
@@ -286,3 +287,58 @@ def test_four_processes_log_to_one_sqlite_store_and_lose_no_step(tmp_path: Path)
         values = file_values(folder)
         assert [len(v) for v in values.values()] == [steps, steps, steps, steps - 100]
         assert_run_equals_folder(uri, run, folder)
+
+
+def test_aggregate_with_a_down_server_warns_then_logs_its_files(project, astronaut_64, monkeypatch):
+    problem = denoising_problem(project / "source", astronaut_64)
+    for index, method in enumerate(("dip", "lipschitz", "gaussian")):
+        curves = hand_curves([20.0 + index, 23, 25, 24.5, 24, 23.5, 23, 22.5], 2)
+        write_run(project / "runs", (*FIT[:3], method), problem, curves, 10)
+    assert sdip("evaluate").exit_code == sdip("fbc").exit_code == 0
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    down = sdip("aggregate")
+    assert down.exit_code == 0, down.output
+    [line] = warning_lines(down)
+    assert line.startswith("warning: MLflow logging of aggregate to http://127.0.0.1:")
+    assert line.endswith("re-log with: sdip aggregate")
+    results = project / "results"
+    files = {
+        p.relative_to(results).as_posix()
+        for p in [*(results / "figures").rglob("*.png"), *(results / "tables").iterdir()]
+    }
+    assert "tables/denoising.md" in files and "figures/restorations.png" in files
+
+    uri = sqlite_uri(project)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert sdip("aggregate").exit_code == 0
+    [run] = runs_of(uri, "summary")
+    assert artifact_paths(uri, run.info.run_id) == files | {"phenomena.md"}
+
+
+def test_relog_logs_a_content_once_and_names_a_folder_that_is_not_a_run(project: Path):
+    folder = long_run(project / "runs", FIT, 200, seed=3)
+    copy = project / "copy"
+    shutil.copytree(folder, copy)
+    result = sdip("relog", str(FIT_FOLDER), "copy")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [
+        f"logged: {FIT_FOLDER}",
+        "already logged: copy",
+        "logged 1 fit(s); 1 were logged already",
+    ]
+    [run] = fit_runs(sqlite_uri(project))
+    assert run.data.tags["run_folder"] == str(FIT_FOLDER)
+
+    (copy / CURVES_FILE).unlink()
+    missing = sdip("relog", "copy")
+    assert (missing.exit_code, missing.output) == (
+        1,
+        "error: copy is not a run folder: it has no curves.csv\n",
+    )
+    shutil.rmtree(project / "runs")
+    none = sdip("relog")
+    assert (none.exit_code, none.output) == (
+        1,
+        "error: no run folder (with summary.json) under runs/ to re-log\n",
+    )
