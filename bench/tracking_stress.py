@@ -49,6 +49,12 @@ def run_folder(folder: Path, index: int, steps: int, curves: int) -> None:
     write_json(folder / SUMMARY_FILE, summary)
 
 
+def last_error(stderr: str) -> str:
+    """The last line of a traceback that names an error."""
+    lines = stderr.strip().splitlines() or [""]
+    return next((line for line in reversed(lines) if "Error" in line), lines[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--processes", type=int, default=4)
@@ -79,11 +85,7 @@ def main() -> None:
         ]
         errors = [worker.communicate()[1] for worker in workers]
         wall = time.monotonic() - start
-        failed = [
-            err.strip().splitlines()[-1]
-            for worker, err in zip(workers, errors, strict=True)
-            if worker.returncode != 0
-        ]
+        failed = [last_error(err) for w, err in zip(workers, errors, strict=True) if w.returncode]
         mlflow = MlflowClient(uri)
         experiment = mlflow.get_experiment_by_name("stress")
         runs = [] if experiment is None else mlflow.search_runs([experiment.experiment_id])
