@@ -49,6 +49,27 @@ def run_folder(folder: Path, index: int, steps: int, curves: int) -> None:
     write_json(folder / SUMMARY_FILE, summary)
 
 
+def log_at_once(
+    command: list[str], folders: list[Path], cwd: Path, uri: str
+) -> list[tuple[int, str, str]]:
+    """Start ``command FOLDER`` for every folder at once (working directory ``cwd``, store
+    ``uri``), wait for all; return each one's exit status, stdout and stderr."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"}
+    workers = [
+        subprocess.Popen(
+            [*command, str(folder)],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for folder in folders
+    ]
+    outputs = [worker.communicate() for worker in workers]
+    return [(w.returncode, out, err) for w, (out, err) in zip(workers, outputs, strict=True)]
+
+
 def last_error(stderr: str) -> str:
     """The last line of a traceback that names an error."""
     lines = stderr.strip().splitlines() or [""]
@@ -70,22 +91,11 @@ def main() -> None:
         folders = [root / "runs" / str(i) for i in range(args.processes)]
         for index, folder in enumerate(folders):
             run_folder(folder, index, args.steps, args.curves)
-        env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"}
         start = time.monotonic()
-        workers = [
-            subprocess.Popen(
-                [sys.executable, "-c", WORKER, str(args.retry_s), str(folder)],
-                cwd=root,
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for folder in folders
-        ]
-        errors = [worker.communicate()[1] for worker in workers]
+        command = [sys.executable, "-c", WORKER, str(args.retry_s)]
+        done = log_at_once(command, folders, root, uri)
         wall = time.monotonic() - start
-        failed = [last_error(err) for w, err in zip(workers, errors, strict=True) if w.returncode]
+        failed = [last_error(err) for code, _, err in done if code]
         mlflow = MlflowClient(uri)
         experiment = mlflow.get_experiment_by_name("stress")
         runs = [] if experiment is None else mlflow.search_runs([experiment.experiment_id])

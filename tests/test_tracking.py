@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import resource
 import shutil
 import socket
@@ -24,6 +23,7 @@ import yaml
 from click.testing import CliRunner, Result
 from PIL import Image
 
+from bench.tracking_stress import log_at_once
 from pipeline import tracking
 from pipeline.results import CURVES_FILE, SUMMARY_FILE
 from stages.cli import cli
@@ -259,24 +259,12 @@ def test_four_processes_log_to_one_sqlite_store_and_lose_no_step(tmp_path: Path)
         lines = [",".join(kept)] + [",".join(row[k] for k in kept) for row in rows]
         (folder / CURVES_FILE).write_text("\n".join(lines) + "\n")
     uri = sqlite_uri(tmp_path)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-c", "from stages.cli import main; main()", "relog"]
     start = time.monotonic()
-    workers = [
-        subprocess.Popen(
-            [*command, str(folder.relative_to(tmp_path))],
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for folder in folders
-    ]
-    outputs = [worker.communicate(timeout=600) for worker in workers]
+    done = log_at_once(command, [f.relative_to(tmp_path) for f in folders], tmp_path, uri)
     print(f"4 processes logged {4 * steps * 4} values in {time.monotonic() - start:.1f} s")
-    for worker, (out, err) in zip(workers, outputs, strict=True):
-        assert worker.returncode == 0, err
+    for code, out, err in done:
+        assert code == 0, err
         assert out.splitlines()[-1] == "logged 1 fit(s); 0 were logged already"
         assert "warning" not in err and "Traceback" not in err, err
     runs = {r.data.tags["image"]: r for r in fit_runs(uri)}
