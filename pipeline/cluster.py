@@ -54,9 +54,9 @@ from typing import TYPE_CHECKING, Any
 
 import submitit
 
+from pipeline.credentials import has_password, redact
 from pipeline.errors import UserError
 from pipeline.layout import JOBS
-from pipeline.storage import has_password, redact
 from pipeline.tracking import SQLITE_PREFIX, tracking_uri
 
 if TYPE_CHECKING:

@@ -30,6 +30,7 @@ import optuna
 from optuna.storages import BaseStorage
 from sqlalchemy.exc import SQLAlchemyError
 
+from pipeline.credentials import redact
 from pipeline.errors import UserError
 from pipeline.tracking import repo_root
 
@@ -87,21 +88,6 @@ def resolve_storage(
     except (ImportError, ValueError, SQLAlchemyError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UserError(f"cannot open Optuna storage {redact(url)}: {redact(reason)}") from err
-
-
-def redact(url: str) -> str:
-    """A storage URL without its password (``postgresql://user:***@host/db``)."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest.split("/", 1)[0]:
-        return url
-    credentials, _, host = rest.partition("@")
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}" if ":" in credentials else url
-
-
-def has_password(url: str) -> bool:
-    """Whether ``url`` carries a password (``user:password@host``)."""
-    return redact(url) != url
 
 
 @contextmanager

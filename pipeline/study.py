@@ -16,13 +16,14 @@ from typing import Any
 
 import optuna
 
+from pipeline.credentials import redact
 from pipeline.fit import FitConfig
 from pipeline.imageio import write_bytes_atomic
 from pipeline.layout import TUNED_VALUES, checkpoint_path
 from pipeline.problem import Problem
 from pipeline.results import write_json
 from pipeline.settings import write_params_atomic
-from pipeline.storage import redact, resolve_storage
+from pipeline.storage import resolve_storage
 from pipeline.study_tracking import StudyTracker
 from pipeline.tuning import (
     BASELINE_ATTR,
@@ -168,7 +169,7 @@ def run_study(
     if tracking is not None:
         tags = {**where, "objective": config.objective, "optuna_storage": shown, **tracking}
         params = {**{f"tune.{k}": v for k, v in vars(config).items()}, **base.flat()}
-        tracker = StudyTracker(study, f"tune-{where['task']}", tags, params)
+        tracker = StudyTracker(study, f"tune-{where['task']}", tags, params, out)
 
     def on_trial(outcome: TrialOutcome) -> None:
         echo(trial_line(outcome))

@@ -1,12 +1,20 @@
 """MLflow view of an Optuna study (``sdip tune``): one parent run shared by every worker and
 resumption of the study, found by the study's unique id, and a child run per trial with its
-settings, scores and curves (experiment ``tune-<task>``)."""
+settings, scores and curves (experiment ``tune-<task>``).
+
+Every call goes through :func:`pipeline.tracking.guarded`: a failing store costs the study one
+``warning:`` line and its MLflow view from there on, never a trial. A study's trials keep no run
+folder, so ``sdip relog`` cannot log them again; their record is the study's outputs
+(``trials.csv``, ``summary.json``) and its Optuna storage.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.tracking import client, experiment_id, git_commit, log_fit_run, repo_root
+from pipeline.tracking import client, experiment_id, git_commit, guarded, log_fit_run, repo_root
 from pipeline.tuning import UID_ATTR, TrialOutcome
 
 if TYPE_CHECKING:
@@ -16,7 +24,8 @@ if TYPE_CHECKING:
 
 class StudyTracker:
     """MLflow for one study: a parent run shared by every worker and resumption of the study
-    (found by the study's unique id tag), a child run per trial with its curves and params."""
+    (found by the study's unique id tag), a child run per trial with its curves and params.
+    After the first failure of the store it logs nothing more."""
 
     def __init__(
         self,
@@ -24,16 +33,27 @@ class StudyTracker:
         experiment: str,
         tags: dict[str, Any],
         params: dict[str, Any],
+        outputs: Path,
     ) -> None:
-        root = repo_root()
-        self.mlflow: MlflowClient = client(root)
-        self.experiment = experiment_id(self.mlflow, experiment, root)
         self.tags = {
             "optuna_study": study.study_name,
             "optuna_study_uid": study.user_attrs[UID_ATTR],
             **tags,
         }
-        self.parent = self._parent(params)
+        self.relog = f"none: a study's trials keep no run folder; their record is {outputs}"
+        self.failed = False
+
+        def start() -> None:
+            root = repo_root()
+            self.mlflow: MlflowClient = client(root)
+            self.experiment = experiment_id(self.mlflow, experiment, root)
+            self.parent = self._parent(params)
+
+        self._guarded("the study", start)
+
+    def _guarded(self, what: str, log: Callable[[], object]) -> None:
+        if not self.failed:
+            self.failed = not guarded(f"{what} of {self.tags['optuna_study']}", self.relog, log)
 
     def _find(self) -> list[Any]:
         uid = self.tags["optuna_study_uid"]
@@ -80,19 +100,23 @@ class StudyTracker:
         metrics = {k: v for k, v in outcome.scores.items() if isinstance(v, int | float)}
         if outcome.value is not None:
             metrics["objective"] = outcome.value
-        run_id = log_fit_run(
-            self.mlflow,
-            self.experiment,
-            self.parent,
-            f"trial {outcome.number}",
-            params,
-            tags,
-            outcome.curves,
-            metrics,
-            [],
-        )
-        if outcome.pruned:
-            self.mlflow.set_terminated(run_id, "KILLED")
+
+        def log() -> None:
+            run_id = log_fit_run(
+                self.mlflow,
+                self.experiment,
+                self.parent,
+                f"trial {outcome.number}",
+                params,
+                tags,
+                outcome.curves,
+                metrics,
+                [],
+            )
+            if outcome.pruned:
+                self.mlflow.set_terminated(run_id, "KILLED")
+
+        self._guarded(f"trial {outcome.number}", log)
 
     def finish(self, report: dict[str, Any], status: str) -> None:
         from mlflow.entities import Metric
@@ -108,5 +132,9 @@ class StudyTracker:
             values["psnr_lost_db"] = agreement["psnr_lost_db"]
         step = int(report["trials"])
         metrics = [Metric(k, float(v), 0, step) for k, v in sorted(values.items())]
-        self.mlflow.log_batch(self.parent, metrics=metrics)
-        self.mlflow.set_terminated(self.parent, status)
+
+        def log() -> None:
+            self.mlflow.log_batch(self.parent, metrics=metrics)
+            self.mlflow.set_terminated(self.parent, status)
+
+        self._guarded("the study's report", log)

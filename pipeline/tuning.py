@@ -44,13 +44,14 @@ from sqlalchemy.exc import SQLAlchemyError
 from torch import Tensor
 
 from pipeline.checkpoint import checkpoint_for, saved_meta
+from pipeline.credentials import redact
 from pipeline.degradations import Degradation
 from pipeline.errors import UserError, check_bool, check_choice, check_int, check_number
 from pipeline.fit import FitConfig, MemberView, fit_many
 from pipeline.layout import CHECKPOINT_EVERY
 from pipeline.problem import Problem
 from pipeline.results import FitResult
-from pipeline.storage import fail_stale, heartbeat, redact
+from pipeline.storage import fail_stale, heartbeat
 
 OBJECTIVES = ("oracle", "holdout")
 SEARCHABLE = ("lam", "lr", "gauss_sigma")

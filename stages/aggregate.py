@@ -19,7 +19,7 @@ from pipeline.phenomena import PHENOMENA_JSON, PHENOMENA_MD, phenomena, phenomen
 from pipeline.results import write_json
 from pipeline.settings import load_params, load_yaml, section
 from pipeline.tables import PUBLISHED, markdown, read_csv, task_table, write_csv
-from pipeline.tracking import stage_run
+from pipeline.tracking import log_files
 
 SUMMARY_EXPERIMENT = "summary"
 QUALITATIVE = "qualitative"
@@ -63,12 +63,8 @@ def aggregate_command(params_file: str, track: bool) -> None:
         save_figure(figure, FIGURES / f"{name}.png")
     if track:
         tags = {"profile": params.get("profile", "custom"), "dvc_stage": "aggregate"}
-        with stage_run(SUMMARY_EXPERIMENT, "aggregate", tags) as (mlflow, _, run_id):
-            for path in sorted(FIGURES.rglob("*.png")):
-                folder = path.parent.relative_to(RESULTS).as_posix()
-                mlflow.log_artifact(run_id, str(path), folder)
-            for path in sorted(TABLES.glob("*")):
-                mlflow.log_artifact(run_id, str(path), "tables")
-            mlflow.log_artifact(run_id, str(PHENOMENA_MD))
+        files = [(p, p.parent.relative_to(RESULTS).as_posix()) for p in FIGURES.rglob("*.png")]
+        files += [(path, "tables") for path in TABLES.glob("*")]
+        log_files(SUMMARY_EXPERIMENT, "aggregate", tags, [*sorted(files), (PHENOMENA_MD, None)])
     click.echo("\n".join(report))
     click.echo(f"Phenomena ({found['task']}):\n{verdict}")

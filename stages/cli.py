@@ -20,6 +20,7 @@ COMMANDS = {
     "fbc": "stages.fbc:fbc_command",
     "evaluate": "stages.evaluate:evaluate_command",
     "aggregate": "stages.aggregate:aggregate_command",
+    "relog": "stages.relog:relog_command",
 }
 """Sub-command → where it lives. Imported on use: a DVC stage runs one command many times, and
 importing every stage's dependencies (Optuna, matplotlib) each time would cost seconds."""

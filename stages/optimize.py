@@ -61,9 +61,9 @@ def optimize_command(
     summary = write_result(out, problem, result, extra)
     if track:
         tags = {"profile": params.get("profile", "custom"), "dvc_stage": dvc_stage, "task": task}
-        name = f"optimize {task}/{variant}/{image}/{method}"
-        fit_tags = {"image": image, "method": method, "variant": variant}
-        log_fits(task, name, {**tags, "image": image}, [(out, f"{image}-{method}", fit_tags)])
+        log_fits(
+            task, f"optimize {task}/{variant}/{image}/{method}", {**tags, "image": image}, [out]
+        )
     click.echo(
         f"{task}/{variant}/{image}/{method}: {result.iterations_run} it, "
         f"{result.wall_time:.1f} s, stop {summary['stop_iteration']}, "

@@ -69,11 +69,7 @@ def sweep_command(kind: str, params_file: str, dvc_stage: str, track: bool) -> N
     summaries = [write_result(out, problem, r, extra) for out, r in zip(outs, results, strict=True)]
     if track:
         tags = {"profile": params.get("profile", "custom"), "dvc_stage": dvc_stage, "task": task}
-        fits = [
-            (out, f"{image}-{kind}={value}", {"method": method, "variant": variant})
-            for out, value in zip(outs, values, strict=True)
-        ]
-        log_fits(task, f"sweep {kind} {task}/{variant}/{image}", {**tags, "image": image}, fits)
+        log_fits(task, f"sweep {kind} {task}/{variant}/{image}", {**tags, "image": image}, outs)
     for value, summary in zip(values, summaries, strict=True):
         click.echo(
             f"sweep {kind}={value}: stop {summary['stop_iteration']}, PSNR stop "

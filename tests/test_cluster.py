@@ -25,7 +25,7 @@ from pipeline.cluster import Command, CommandBatch, ExecutorConfig, make_executo
 from pipeline.errors import UserError
 from pipeline.settings import load_yaml
 from pipeline.storage import resolve_storage
-from tests.test_pipeline_e2e import ITERATIONS, make_repo, ran_stages, run, shrink
+from tests.dvc_repo import ITERATIONS, make_repo, ran_stages, run, shrink
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC = Path(sys.executable).parent / "dvc"

@@ -9,46 +9,23 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from pipeline.settings import load_yaml
-
-ROOT = Path(__file__).resolve().parents[1]
-ITERATIONS = 24
-COPIED = ("dvc.yaml", "pipeline", "stages", "dataset", "profiles", "pyproject.toml")
-
-pytestmark = pytest.mark.skipif(
-    shutil.which("dvc", path=str(Path(sys.executable).parent)) is None,
-    reason="dvc is not installed in this environment",
+from tests.dvc_repo import (
+    ITERATIONS,
+    make_repo,
+    needs_dvc,
+    params_of,
+    ran_stages,
+    run,
+    shrunk_params,
 )
 
-
-def shrink(params: dict) -> dict:
-    """The default profile at the smallest size that still runs every stage."""
-    params["tasks"]["denoising"]["images"] = ["astronaut"]
-    params["tasks"]["deblocking"]["observe"]["qualities"] = [10]
-    params["tasks"]["sr"]["observe"]["factors"] = [4]
-    for task in params["tasks"].values():
-        task["images"] = task["images"][:1]
-        task["fit"]["iterations"] = ITERATIONS
-    params["fit"].update(width=8, iterations=ITERATIONS, log_every=8)
-    params["sweeps"].update(lam=[0.5, 2.0], gauss_sigma=[0.5], iterations=ITERATIONS, batch=2)
-    for rule in ("es_wmv", "es_emv"):
-        params["stopping"][rule]["patience"] = 5
-    params["stopping"]["ratio"]["window"] = 4
-    return params
-
-
-def params_of(repo: Path) -> dict:
-    return yaml.safe_load((repo / "params.yaml").read_text())
+pytestmark = needs_dvc
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
@@ -123,39 +100,9 @@ def phenomena_by_loops(
     }
 
 
-def run(cmd: list[str], repo: Path) -> str:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, check=False)
-    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}"
-    return done.stdout + done.stderr
-
-
-def ran_stages(output: str) -> set[str]:
-    return set(re.findall(r"Running stage '([^']+)'", output))
-
-
-def make_repo(repo: Path, params: dict) -> Path:
-    """A git+DVC repository in the empty folder ``repo``: the pipeline's code and dvc.yaml, and
-    ``params`` as its params.yaml, committed."""
-    for name in COPIED:
-        source = ROOT / name
-        if source.is_dir():
-            shutil.copytree(source, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(source, repo / name)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["git", "init", "-q"], repo)
-    run(["dvc", "init", "-q"], repo)
-    run(["git", "add", "-A"], repo)
-    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init"], repo)
-    return repo
-
-
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
-    params = shrink(load_yaml(ROOT / "profiles" / "cpu.yaml"))
-    return make_repo(tmp_path_factory.mktemp("repo"), params)
+    return make_repo(tmp_path_factory.mktemp("repo"), shrunk_params())
 
 
 def test_repro_then_nothing_then_only_the_changed_task(repo: Path):

@@ -13,15 +13,9 @@ from pathlib import Path
 import optuna
 import pytest
 
+from pipeline.credentials import has_password, redact
 from pipeline.errors import UserError
-from pipeline.storage import (
-    HeartbeatStorage,
-    fail_stale,
-    has_password,
-    heartbeat,
-    redact,
-    resolve_storage,
-)
+from pipeline.storage import HeartbeatStorage, fail_stale, heartbeat, resolve_storage
 
 ROOT = Path(__file__).resolve().parents[1]
 INTERVAL_S, GRACE_S = 1, 3
