@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from pipeline.errors import UserError
 from pipeline.imageio import load_image, save_image, write_bytes_atomic
 from pipeline.layout import prepared_dir
 from pipeline.problem import Problem
-from pipeline.results import staged_folder, write_json
+from pipeline.results import read_json, staged_folder, write_json
 from pipeline.settings import parse_variant, task_class, task_variants, variant_name
 
 META_FILE = "meta.json"
@@ -69,12 +68,7 @@ def read_observation(folder: Path) -> tuple[Problem, dict[str, Any]]:
     meta_path = folder / META_FILE
     if not meta_path.is_file():
         raise UserError(f"no prepared observation in {folder} (run the prepare stage first)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"{meta_path} is not readable JSON ({err}); rerun prepare") from err
-    if not isinstance(meta, dict) or not isinstance(meta.get("params"), dict):
-        raise UserError(f"{meta_path} has no degradation params; rerun prepare")
+    meta = read_json(meta_path, "params", "rerun prepare")
     array_path = folder / OBSERVATION_FILE
     try:
         array = np.load(array_path, allow_pickle=False)

@@ -154,16 +154,21 @@ def read_curves(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     return curves
 
 
-def read_summary(folder: Path) -> dict[str, Any]:
-    """A fit's ``summary.json``; a missing or corrupt one is a :class:`UserError` naming it."""
-    path = folder / SUMMARY_FILE
+def read_json(path: Path, needs: str, remedy: str) -> dict[str, Any]:
+    """The JSON mapping in ``path``, which must map ``needs`` to a mapping; a missing, corrupt or
+    incomplete file is a :class:`UserError` naming it and ``remedy``."""
     try:
-        summary = json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"{path} is not a readable summary ({err}); rerun the fit") from err
-    if not isinstance(summary, dict) or not isinstance(summary.get("settings"), dict):
-        raise UserError(f"{path} is not a fit's summary (no settings); rerun the fit")
-    return summary
+        raise UserError(f"{path} is not readable JSON ({err}); {remedy}") from err
+    if not isinstance(data, dict) or not isinstance(data.get(needs), dict):
+        raise UserError(f"{path} has no {needs}; {remedy}")
+    return data
+
+
+def read_summary(folder: Path) -> dict[str, Any]:
+    """A fit's ``summary.json`` (:func:`read_json`)."""
+    return read_json(folder / SUMMARY_FILE, "settings", "rerun the fit")
 
 
 def check_output_dir(path: str | os.PathLike[str]) -> None:

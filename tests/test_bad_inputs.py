@@ -432,7 +432,7 @@ PREPARED = Path("data/prepared/denoising/sigma25/astronaut")
         (lambda f: np.save(f / "observation.npy", np.zeros((3, 64, 64), np.float32)), "sha256"),
         (lambda f: (f / "clean.png").write_bytes(b"\x89PNG broken"), "not a readable image"),
         (meta_with_param, "unknown parameter(s) bogus for task 'denoising'"),
-        (lambda f: (f / "meta.json").write_text("[1, 2]"), "meta.json has no degradation params"),
+        (lambda f: (f / "meta.json").write_text("[1, 2]"), "meta.json has no params"),
     ],
 )
 def test_a_corrupt_prepared_observation_is_one_line(repo: Path, damage, needle):
@@ -507,7 +507,7 @@ def test_a_corrupt_curves_file_stops_evaluate_with_one_line(repo: Path):
 
 @pytest.mark.parametrize(
     ("content", "needle"),
-    [("{broken", "is not a readable summary"), ('{"task": "denoising"}', "no settings")],
+    [("{broken", "is not readable JSON"), ('{"task": "denoising"}', "has no settings")],
 )
 def test_a_corrupt_summary_stops_evaluate_with_one_line(repo: Path, content: str, needle: str):
     assert invoke(*OPTIMIZE).exit_code == 0
