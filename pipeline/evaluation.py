@@ -59,7 +59,9 @@ def stopping_of(summary: dict[str, Any]) -> StoppingConfig:
 def rule_stops(curves: dict[str, np.ndarray], rules: StoppingConfig) -> dict[str, int | None]:
     """Measurement index at which each rule stops (None: never fired)."""
     return {
-        "ratio": ratio_rule(curves["ratio"], rules.ratio_window, rules.ratio_eps),
+        "ratio": ratio_rule(
+            curves["ratio"], rules.ratio_window, rules.ratio_eps, rules.ratio_scale
+        ),
         "es_wmv": es_wmv(curves["wmv"], rules.wmv_patience),
         "es_emv": es_emv(curves["emv"], rules.emv_patience),
         "oracle": oracle_peak(curves["psnr"]),

@@ -370,7 +370,9 @@ class FitMonitor:
         self.curves = {name: torch.full((k, n), float("nan"), device=dev) for name in CURVE_NAMES}
         self.curves["fbc"] = torch.full((k, n, cfg.fbc_bands), float("nan"), device=dev)
         stopping = cfg.stopping
-        self.rule = OnlineRatioRule(k, stopping.ratio_window, stopping.ratio_eps, dev)
+        self.rule = OnlineRatioRule(
+            k, stopping.ratio_window, stopping.ratio_eps, dev, stopping.ratio_scale
+        )
         shape = (k, *out_shape)
         self.stop_out = torch.zeros(shape, device=dev)
         self.best_out = torch.zeros(shape, device=dev)
