@@ -1,0 +1,91 @@
+"""pipeline.lambda_choice: MC-SURE of a fit, its probe and recorder, the noise estimate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import uniform_filter
+from skimage import data
+
+from pipeline.batched import MemberView, fit_batched
+from pipeline.degradations import Denoising
+from pipeline.fit import FitConfig
+from pipeline.lambda_choice import (
+    MAD_TO_SIGMA,
+    ProjectionRecorder,
+    estimate_noise_sigma,
+    mc_sure,
+    rademacher,
+)
+from pipeline.settings import fit_settings
+
+
+def test_mc_sure_hand_computed():
+    # div = (12 − 10) / 0.05 = 40;  0.02 − 0.01 + 2·0.01·40/100 = 0.018
+    got = mc_sure(np.array([0.02]), np.array([10.0]), np.array([12.0]), 0.1, 0.05, 100)
+    assert got == pytest.approx([0.018], abs=1e-15)
+
+
+def test_mc_sure_is_unbiased_for_a_linear_smoother():
+    """f = 3×3 box filter (zero border): MC-SURE's mean over noise draws and probes equals the
+    mean squared error against x, to its standard error."""
+    x = data.camera()[200:232, 220:252].astype(np.float64) / 255
+    sigma, eps, draws = 0.1, 1e-3, 300
+    rng = np.random.default_rng(0)
+    sure, mse = [], []
+    for _ in range(draws):
+        y = x + sigma * rng.standard_normal(x.shape)
+        b = rng.choice([-1.0, 1.0], size=x.shape)
+        f, f_eps = (uniform_filter(v, 3, mode="constant") for v in (y, y + eps * b))
+        loss = np.mean((y - f) ** 2)
+        sure.append(mc_sure(np.array([loss]), np.sum(b * f), np.sum(b * f_eps), sigma, eps, x.size))
+        mse.append(np.mean((f - x) ** 2))
+    difference = np.array(sure).ravel() - np.array(mse)
+    assert abs(difference.mean()) < 4 * difference.std() / np.sqrt(draws)
+    assert abs(difference.mean()) < 0.02 * np.mean(mse)
+
+
+def test_estimate_noise_sigma_hand_computed():
+    # 2×2 blocks [[1, 2], [4, 8]], [[3, 5], [9, 6]], [[7, 7], [1, 0]] (×0.1): details
+    # (a − b − c + d)/2 = 1.5, −2.5, −0.5 → median |·| = 1.5 → σ̂ = 0.15 / 0.6745.
+    y = 0.1 * torch.tensor([[[[1.0, 2, 3, 5, 7, 7], [4, 8, 9, 6, 1, 0]]]])
+    assert estimate_noise_sigma(y) == pytest.approx(0.15 / MAD_TO_SIGMA, rel=1e-6)
+
+
+def test_estimate_noise_sigma_of_white_noise():
+    generator = torch.Generator().manual_seed(0)
+    for sigma in (0.05, 0.1):
+        y = 0.5 + sigma * torch.randn(1, 3, 256, 256, generator=generator)
+        assert estimate_noise_sigma(y) == pytest.approx(sigma, rel=0.03)
+
+
+def test_rademacher_is_a_seeded_sign_pattern():
+    a, b, c = rademacher((1, 3, 8, 8), 4), rademacher((1, 3, 8, 8), 4), rademacher((1, 3, 8, 8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert set(a.unique().tolist()) == {-1.0, 1.0} and a.dtype == torch.float32
+
+
+def test_projection_recorder_reads_every_members_output_at_every_iteration(
+    cpu_profile, astronaut_64
+):
+    """⟨b, x_t⟩ of each member at each iteration, against the outputs a second callback keeps."""
+    settings = fit_settings(cpu_profile, "denoising", "gaussian")
+    settings.update(iterations=6, width=8, log_every=1, device="cpu")
+    y = Denoising(sigma=25).observe(astronaut_64)
+    probe = rademacher(tuple(y.shape))
+    configs = [FitConfig.from_dict({**settings, "lam": lam}) for lam in (1.4, 0.5)]
+    kept: dict[tuple[int, int], np.ndarray] = {}
+
+    def keep(view: MemberView) -> None:
+        kept[view.member, view.iteration - 1] = view.last_out.double().numpy().copy()
+
+    recorder = ProjectionRecorder(probe, 2, 6)
+    results = fit_batched([y, y], Denoising(sigma=25), configs, [recorder, keep])
+    b = probe.double().numpy()
+    for (member, t), out in kept.items():
+        assert recorder.values[member, t].item() == pytest.approx(np.sum(b * out), rel=1e-12)
+    for member, result in enumerate(results):
+        final = np.sum(b * result.final.double().numpy())
+        assert recorder.values[member, -1].item() == pytest.approx(final, rel=1e-12)
+    assert len(kept) == 12 and recorder.values[0, 0] != recorder.values[1, 0]
