@@ -21,11 +21,19 @@ floor below the response (``experiments/unseen/README.md``, "MC-SURE"). ``b`` is
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.batched import MemberView
+from pipeline.batched import MemberCallback, MemberView, fit_batched
+from pipeline.errors import UserError
+from pipeline.fit import FitConfig, FitResult
+from pipeline.problem import Problem
 
 EPS_OVER_SIGMA = 0.5
 """Probe step ε of the divergence estimate, relative to the noise level σ (module docstring)."""
@@ -90,3 +98,131 @@ def mc_sure(
     is the fit's own loss curve and the projections are :class:`ProjectionRecorder`'s."""
     divergence = (np.asarray(perturbed_projection) - np.asarray(projection)) / eps
     return np.asarray(loss, dtype=np.float64) - sigma**2 + 2 * sigma**2 * divergence / numel
+
+
+GRID = (0.35, 0.495, 0.7, 0.99, 1.4, 1.98, 2.8)
+"""Default λ candidates: log-spaced by √2 around the CPU profile's 1.4 (the grid of
+``experiments/unseen``)."""
+
+
+@dataclass
+class LambdaChoice:
+    """What :func:`choose_lambda` found: the chosen λ and every candidate's score.
+
+    ``sure[k]`` is candidate k's SURE (MSE units) at its stop, ``stops[k]`` that stop's iteration
+    (``None``: the rule did not fire and the budget's output is scored), ``results[k]`` its fit of
+    y: ``results[chosen]`` is the restoration at the chosen λ, no refit needed.
+    """
+
+    lam: float
+    chosen: int
+    candidates: tuple[float, ...]
+    sure: tuple[float, ...]
+    stops: tuple[int | None, ...]
+    sigma: float
+    eps: float
+    results: list[FitResult]
+
+    def scores(self) -> list[dict[str, Any]]:
+        """One row per candidate (for a table or ``summary.json``)."""
+        return [
+            {"lam": lam, "sure": sure, "sure_psnr": _as_psnr(sure), "stop_iteration": stop}
+            for lam, sure, stop in zip(self.candidates, self.sure, self.stops, strict=True)
+        ]
+
+
+def _as_psnr(mse: float) -> float | None:
+    """``10·log10(1/mse)``; ``None`` for a non-positive estimate (SURE can dip below 0)."""
+    return 10 * math.log10(1 / mse) if mse > 0 else None
+
+
+class _EndWithPartner:
+    """Ends candidate k (member k) once its ratio rule has fired, and its perturbed twin
+    (member K + k) at the same sync, so that both are recorded up to the candidate's stop."""
+
+    def __init__(self, candidates: int) -> None:
+        self.candidates = candidates
+        self.ended = [False] * candidates
+
+    def __call__(self, view: MemberView) -> bool:
+        if view.member < self.candidates:
+            self.ended[view.member] = view.stopped
+            return view.stopped
+        return self.ended[view.member - self.candidates]
+
+
+def choose_lambda(
+    problem: Problem,
+    settings: dict[str, Any],
+    candidates: Sequence[float] = GRID,
+    sigma: float | None = None,
+    halt_at_stop: bool = True,
+    probe_seed: int = PROBE_SEED,
+    callbacks: Sequence[MemberCallback] = (),
+) -> LambdaChoice:
+    """Choose λ for a denoising ``problem`` by MC-SURE at each candidate's stop (module
+    docstring): argmin over ``candidates`` of ``SURE(f_s(y))``, ``s`` the candidate's ratio-rule
+    stop under ``settings``' stopping rule (the budget's last output where it does not fire).
+
+    One batched pass of 2K members: the K candidates on y and their twins on y + εb, ε =
+    :data:`EPS_OVER_SIGMA`·σ. ``settings`` are the flat fit settings of the tuned fit (e.g. the
+    profile's ``gaussian`` method); ``lam`` is replaced by each candidate, and measurements and
+    callbacks run every iteration. ``sigma`` is the noise level in [0, 1] units (σ/255); ``None``
+    estimates it from y (:func:`estimate_noise_sigma`). ``halt_at_stop`` ends each candidate
+    and its twin at the candidate's stop (False: every member runs the budget, e.g. to measure
+    the drop after the peak). With ``problem.clean`` the results carry PSNR curves.
+    ``callbacks`` are passed on to :func:`~pipeline.batched.fit_batched` (every iteration, each
+    member: candidate k is member k, its twin member K + k), e.g. a progress bar.
+    """
+    if problem.task.name != "denoising":
+        raise UserError(
+            f"MC-SURE chooses λ for white-noise denoising only, not for {problem.task.name}"
+        )
+    if not candidates or any(lam <= 0 for lam in candidates):
+        raise UserError(f"λ candidates must be positive numbers, got {list(candidates)}")
+    y = problem.observation
+    sigma = estimate_noise_sigma(y) if sigma is None else float(sigma)
+    if not sigma > 0:
+        raise UserError(f"noise level sigma must be positive for MC-SURE, got {sigma}")
+    eps = EPS_OVER_SIGMA * sigma
+    probe = rademacher(tuple(y.shape), probe_seed)
+    count = len(candidates)
+    base = {**settings, "measure_every": 1, "log_every": 1, "halt_at_stop": False}
+    configs = [FitConfig.from_dict({**base, "lam": float(lam)}) for lam in (*candidates,) * 2]
+    recorder = ProjectionRecorder(probe, 2 * count, configs[0].iterations)
+    ending: list[MemberCallback] = [_EndWithPartner(count)] if halt_at_stop else []
+    results = fit_batched(
+        [y] * count + [y + eps * probe.to(y.dtype)] * count,
+        problem.task,
+        configs,
+        [recorder, *callbacks, *ending],
+        cleans=None if problem.clean is None else [problem.clean] * (2 * count),
+    )
+    projections = recorder.values.numpy()
+    sure, stops = [], []
+    for k in range(count):
+        result = results[k]
+        index = (
+            result.iterations_run - 1 if result.stop_iteration is None else result.stop_iteration
+        )
+        curve = mc_sure(
+            result.curves["loss"][index : index + 1],
+            projections[k, index : index + 1],
+            projections[count + k, index : index + 1],
+            sigma,
+            eps,
+            y.numel(),
+        )
+        sure.append(float(curve[0]))
+        stops.append(result.stop_iteration)
+    chosen = int(np.nanargmin(sure))
+    return LambdaChoice(
+        lam=float(candidates[chosen]),
+        chosen=chosen,
+        candidates=tuple(float(lam) for lam in candidates),
+        sure=tuple(sure),
+        stops=tuple(stops),
+        sigma=sigma,
+        eps=eps,
+        results=results[:count],
+    )

@@ -9,16 +9,32 @@ from scipy.ndimage import uniform_filter
 from skimage import data
 
 from pipeline.batched import MemberView, fit_batched
-from pipeline.degradations import Denoising
+from pipeline.degradations import Denoising, Inpainting
+from pipeline.errors import UserError
 from pipeline.fit import FitConfig
 from pipeline.lambda_choice import (
+    EPS_OVER_SIGMA,
     MAD_TO_SIGMA,
     ProjectionRecorder,
+    choose_lambda,
     estimate_noise_sigma,
     mc_sure,
     rademacher,
 )
+from pipeline.problem import Problem
 from pipeline.settings import fit_settings
+
+SIGMA = 25 / 255
+
+
+@pytest.fixture
+def tiny(cpu_profile: dict, astronaut_64: torch.Tensor) -> tuple[Problem, dict]:
+    """The profile's Gaussian method shrunk to 12 iterations of a width-8 decoder whose ratio
+    rule fires at the first measurement it may (5)."""
+    settings = fit_settings(cpu_profile, "denoising", "gaussian")
+    settings.update(iterations=12, width=8, lr=1e-3, device="cpu", ratio_window=2, ratio_eps=1e9)
+    task = Denoising(sigma=25)
+    return Problem(task, task.observe(astronaut_64), astronaut_64), settings
 
 
 def test_mc_sure_hand_computed():
@@ -89,3 +105,60 @@ def test_projection_recorder_reads_every_members_output_at_every_iteration(
         final = np.sum(b * result.final.double().numpy())
         assert recorder.values[member, -1].item() == pytest.approx(final, rel=1e-12)
     assert len(kept) == 12 and recorder.values[0, 0] != recorder.values[1, 0]
+
+
+def test_choose_lambda_scores_each_candidate_by_sure_at_its_stop(tiny):
+    """SURE at each candidate's stop recomputed in NumPy from the outputs of the candidate and
+    its twin on y + εb, kept by a callback; the choice is the argmin."""
+    problem, settings = tiny
+    settings.update(iterations=24, lr=0.01, ratio_window=10)  # fires at 21; responds to y there
+    candidates = (0.5, 1.4)
+    outputs: dict[tuple[int, int], np.ndarray] = {}
+
+    def keep(view: MemberView) -> None:
+        outputs[view.member, view.iteration - 1] = view.last_out.double().numpy().copy()
+
+    choice = choose_lambda(problem, settings, candidates, sigma=SIGMA, callbacks=[keep])
+    y = problem.observation.double().numpy()
+    b = rademacher(tuple(problem.observation.shape)).double().numpy()
+    eps = EPS_OVER_SIGMA * SIGMA
+    expected, divergence = [], []
+    for k in range(2):
+        f, f_eps = outputs[k, 21], outputs[2 + k, 21]
+        divergence.append(np.sum(b * (f_eps - f)) / eps / y.size)
+        expected.append(np.mean((y - f) ** 2) - SIGMA**2 + 2 * SIGMA**2 * divergence[-1])
+    assert choice.stops == (21, 21) and choice.eps == eps and choice.sigma == SIGMA
+    assert max(abs(d) for d in divergence) > 0.005  # the divergence term counts here
+    np.testing.assert_allclose(choice.sure, expected, rtol=1e-6)
+    assert choice.chosen == int(np.argmin(expected)) and choice.lam == candidates[choice.chosen]
+    assert choice.scores()[0] == {
+        "lam": 0.5,
+        "sure": choice.sure[0],
+        "sure_psnr": pytest.approx(10 * np.log10(1 / choice.sure[0])),
+        "stop_iteration": 21,
+    }
+    chosen = choice.results[choice.chosen]
+    assert chosen.stop_iteration == 21 and chosen.config.model.lam == choice.lam
+    assert max(t for _, t in outputs) == 21  # candidate and twin ended at the stop
+
+
+def test_choose_lambda_halting_at_the_stop_changes_no_score(tiny):
+    problem, settings = tiny
+    halted = choose_lambda(problem, settings, (0.5, 1.4), sigma=SIGMA)
+    full = choose_lambda(problem, settings, (0.5, 1.4), sigma=SIGMA, halt_at_stop=False)
+    assert halted.sure == full.sure and halted.stops == full.stops
+    assert [r.iterations_run for r in halted.results] == [6, 6]
+    assert [r.iterations_run for r in full.results] == [12, 12]
+
+
+def test_choose_lambda_estimates_sigma_and_refuses_other_tasks(tiny):
+    problem, settings = tiny
+    settings = {**settings, "iterations": 6}
+    choice = choose_lambda(problem, settings, (1.0,))
+    assert choice.sigma == estimate_noise_sigma(problem.observation)
+    assert choice.stops == (5,) and choice.lam == 1.0
+    inpainting = Problem(Inpainting(p=0.5), problem.observation, None)
+    with pytest.raises(UserError, match="denoising only"):
+        choose_lambda(inpainting, settings)
+    with pytest.raises(UserError, match="positive"):
+        choose_lambda(problem, settings, (0.0, 1.0))

@@ -3,18 +3,19 @@ the stopping rules are judged on (``analyze.py`` computes all scores from them o
 
 Protocol: the CPU profile's denoising (profiles/cpu.yaml: resize to 128, centre crop 64, σ = 25
 with noise seed 0, the ``gaussian`` method's fit settings: width 32, lr 0.004, 1,500 iterations,
-fit seed 0), every fit running its whole budget. One batched pass (``fit_batched``) holds
+fit seed 0), every fit running its whole budget. Two parts, each one batched pass
+(``fit_batched``):
 
-- ``grid``: the Gaussian method at each λ of :data:`GRID` on y (oracle PSNR, ratio, loss, FBC, …);
-- ``sure``: the same λ on y + εb (ε = σ/2, Rademacher probe b, same seed): MC-SURE's second fit;
-- ``holdout``: the same λ with fold f ∈ {0, …, FOLDS−1} of a 10 % hold-out (disjoint folds of
-  one seeded permutation) left out of the loss; its held-out MSE is recorded every iteration;
+- ``--part grid``: the Gaussian method at each λ of :data:`GRID` on y (oracle PSNR, ratio, loss,
+  FBC, …, and ⟨b, x_t⟩), the same λ on y + εb (ε = σ/2, Rademacher probe b, same seed: MC-SURE's
+  second fit), then one single fit of the ``dip`` method on y (the baseline's drop). Writes
+  ``curves/<image>.npz`` and ``curves/<image>.json`` (settings, σ estimate, wall time).
+- ``--part holdout``: the same λ with fold f ∈ {0, …, FOLDS−1} of a 10 % hold-out (disjoint
+  folds of one seeded permutation) left out of the loss; the held-out MSE of every iteration.
+  Writes ``curves/<image>.holdout.npz`` and ``.holdout.json``. (A separate part because it costs
+  1.5× the grid part, and the shared CPU did not leave time for it on every image.)
 
-and one single fit of the ``dip`` method on y (the baseline's drop). Writes
-``curves/<image>.npz`` (float32 curves, members × 1,500) and ``curves/<image>.json`` (settings,
-σ estimate, wall time).
-
-    python experiments/unseen/collect.py moon [--out experiments/unseen/curves]
+    python experiments/unseen/collect.py moon --part grid [--out experiments/unseen/curves]
 """
 
 from __future__ import annotations
@@ -24,20 +25,21 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from pipeline.batched import MemberView, fit_batched
 from pipeline.datasets import resolve_images
-from pipeline.fit import FitConfig, fit
+from pipeline.fit import FitConfig, FitResult, fit
 from pipeline.lambda_choice import (
     EPS_OVER_SIGMA,
     ProjectionRecorder,
     estimate_noise_sigma,
     rademacher,
 )
-from pipeline.problem import simulate
+from pipeline.problem import Problem, simulate
 from pipeline.settings import fit_settings, load_yaml
 from pipeline.tuning import HoldoutDegradation
 
@@ -68,6 +70,7 @@ class HeldOutRecorder:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("image")
+    parser.add_argument("--part", choices=("grid", "holdout"), required=True)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "curves")
     parser.add_argument("--iterations", type=int, help="a shorter budget (smoke runs only)")
     args = parser.parse_args()
@@ -83,90 +86,92 @@ def main() -> None:
         short_side=data["resize"],
         crop=data["crop"],
     )
-    y, clean, task = problem.observation, problem.clean, problem.task
-    sigma = sigma_255 / 255
-    eps = EPS_OVER_SIGMA * sigma
-    probe = rademacher(tuple(y.shape))
     base = {**fit_settings(params, "denoising", "gaussian"), "log_every": 1, "device": "cpu"}
     if args.iterations:
         base["iterations"] = args.iterations
-    iterations = base["iterations"]
-
-    observations, tasks, configs, kinds = [], [], [], []
-    holdouts: dict[int, HoldoutDegradation] = {}
-    for lam in GRID:
-        observations.append(y)
-        tasks.append(task)
-        kinds.append(("grid", lam, -1))
-    for lam in GRID:
-        observations.append(y + eps * probe)
-        tasks.append(task)
-        kinds.append(("sure", lam, -1))
-    for fold in range(FOLDS):
-        wrapped = HoldoutDegradation(task, y, HOLDOUT, seed=0, fold=fold)
-        for lam in GRID:
-            holdouts[len(kinds)] = wrapped
-            observations.append(wrapped.observation)
-            tasks.append(wrapped)
-            kinds.append(("holdout", lam, fold))
-    configs = [FitConfig.from_dict({**base, "lam": lam}) for _, lam, _ in kinds]
-    projections = ProjectionRecorder(probe, len(kinds), iterations)
-    held_out = HeldOutRecorder(holdouts, iterations)
-    start = time.perf_counter()
-    results = fit_batched(
-        observations, tasks, configs, [projections, held_out], cleans=[clean] * len(kinds)
-    )
-    batch_s = time.perf_counter() - start
-    dip_settings = {**fit_settings(params, "denoising", "dip"), "device": "cpu"}
-    dip_settings["iterations"] = iterations
-    start = time.perf_counter()
-    dip = fit(y, task, FitConfig.from_dict(dip_settings), clean=clean)
-    dip_s = time.perf_counter() - start
-
-    def rows(kind: str, name: str) -> np.ndarray:
-        return np.stack(
-            [results[m].curves[name] for m, (k, _, _) in enumerate(kinds) if k == kind]
-        ).astype(np.float32)
-
-    def member_rows(kind: str, values: np.ndarray) -> np.ndarray:
-        return np.stack([values[m] for m, (k, _, _) in enumerate(kinds) if k == kind])
-
-    proj = projections.values.numpy()
-    arrays = {f"grid_{name}": rows("grid", name) for name in CURVES}
-    arrays["grid_projection"] = member_rows("grid", proj)
-    arrays["sure_projection"] = member_rows("sure", proj)
-    shape = (FOLDS, len(GRID), iterations)
-    arrays["holdout_mse"] = np.stack([held_out.values[m] for m in sorted(holdouts)]).reshape(shape)
-    arrays["holdout_ratio"] = rows("holdout", "ratio").reshape(shape)
-    arrays["holdout_psnr"] = rows("holdout", "psnr").reshape(shape)
-    for name in ("psnr", "loss", "ratio", "wmv", "emv"):
-        arrays[f"dip_{name}"] = dip.curves[name].astype(np.float32)
-    arrays["lam"] = np.array(GRID)
     args.out.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(args.out / f"{args.image}.npz", **arrays)
+    collect = collect_grid if args.part == "grid" else collect_holdout
+    start = time.perf_counter()
+    arrays, meta = collect(problem, sigma_255 / 255, base, params)
+    suffix = "" if args.part == "grid" else ".holdout"
+    np.savez_compressed(args.out / f"{args.image}{suffix}.npz", lam=np.array(GRID), **arrays)
     meta = {
         "image": args.image,
         "file": source.path.name,
         "sha256": source.sha256,
-        "shape": list(y.shape),
-        "numel": y.numel(),
-        "sigma": sigma,
-        "sigma_estimated": estimate_noise_sigma(y),
-        "eps": eps,
+        "part": args.part,
+        "shape": list(problem.observation.shape),
+        "numel": problem.observation.numel(),
+        "sigma": sigma_255 / 255,
         "grid": list(GRID),
-        "folds": FOLDS,
-        "holdout": HOLDOUT,
-        "holdout_pixels": int(holdouts[len(GRID) * 2].held.sum()),
         "settings": base,
+        **meta,
+        "wall_s": round(time.perf_counter() - start, 1),
+    }
+    (args.out / f"{args.image}{suffix}.json").write_text(json.dumps(meta, indent=1) + "\n")
+    print(json.dumps({k: meta[k] for k in ("image", "part", "wall_s")}))
+
+
+def curve_rows(results: list[FitResult], name: str) -> np.ndarray:
+    return np.stack([result.curves[name] for result in results]).astype(np.float32)
+
+
+def collect_grid(
+    problem: Problem, sigma: float, base: dict[str, Any], params: dict[str, Any]
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    y, clean, task = problem.observation, problem.clean, problem.task
+    eps = EPS_OVER_SIGMA * sigma
+    probe = rademacher(tuple(y.shape))
+    observations = [y] * len(GRID) + [y + eps * probe] * len(GRID)
+    configs = [FitConfig.from_dict({**base, "lam": lam}) for lam in GRID + GRID]
+    projections = ProjectionRecorder(probe, len(configs), base["iterations"])
+    results = fit_batched(observations, task, configs, [projections], cleans=[clean] * len(configs))
+    dip_settings = {
+        **fit_settings(params, "denoising", "dip"),
+        "device": "cpu",
+        "iterations": base["iterations"],
+    }
+    dip = fit(y, task, FitConfig.from_dict(dip_settings), clean=clean)
+    grid = results[: len(GRID)]
+    arrays = {f"grid_{name}": curve_rows(grid, name) for name in CURVES}
+    arrays["grid_projection"] = projections.values[: len(GRID)].numpy()
+    arrays["sure_projection"] = projections.values[len(GRID) :].numpy()
+    arrays["sure_psnr"] = curve_rows(results[len(GRID) :], "psnr")
+    for name in ("psnr", "loss", "ratio", "wmv", "emv"):
+        arrays[f"dip_{name}"] = dip.curves[name].astype(np.float32)
+    meta = {
+        "eps": eps,
+        "sigma_estimated": estimate_noise_sigma(y),
         "dip_settings": dip_settings,
-        "batch_members": len(kinds),
-        "batch_wall_s": round(batch_s, 1),
-        "dip_wall_s": round(dip_s, 1),
         "clean_std": float(clean.std()),
         "noisy_psnr": float(-10 * math.log10(float((y - clean).square().mean()))),
     }
-    (args.out / f"{args.image}.json").write_text(json.dumps(meta, indent=1) + "\n")
-    print(json.dumps({k: meta[k] for k in ("image", "batch_wall_s", "dip_wall_s")}))
+    return arrays, meta
+
+
+def collect_holdout(
+    problem: Problem, sigma: float, base: dict[str, Any], params: dict[str, Any]
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    y, task = problem.observation, problem.task
+    folds = [HoldoutDegradation(task, y, HOLDOUT, seed=0, fold=f) for f in range(FOLDS)]
+    members = [(wrapped, lam) for wrapped in folds for lam in GRID]
+    holdouts = {m: wrapped for m, (wrapped, _) in enumerate(members)}
+    held_out = HeldOutRecorder(holdouts, base["iterations"])
+    results = fit_batched(
+        [wrapped.observation for wrapped, _ in members],
+        [wrapped for wrapped, _ in members],
+        [FitConfig.from_dict({**base, "lam": lam}) for _, lam in members],
+        [held_out],
+        cleans=[problem.clean] * len(members),
+    )
+    shape = (FOLDS, len(GRID), base["iterations"])
+    arrays = {
+        "holdout_mse": np.stack([held_out.values[m] for m in range(len(members))]).reshape(shape),
+        "holdout_ratio": curve_rows(results, "ratio").reshape(shape),
+        "holdout_psnr": curve_rows(results, "psnr").reshape(shape),
+    }
+    meta = {"folds": FOLDS, "holdout": HOLDOUT, "holdout_pixels": int(folds[0].held.sum())}
+    return arrays, meta
 
 
 if __name__ == "__main__":
