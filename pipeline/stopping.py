@@ -148,11 +148,12 @@ def oracle_peak(psnr: np.ndarray) -> int | None:
     return int(np.nanargmax(p))
 
 
-def _patience_stop(variance: np.ndarray, patience: int) -> int | None:
-    """Index of the running minimum once it has not improved for ``patience`` measurements."""
+def patience_stop(values: np.ndarray, patience: int) -> int | None:
+    """Index of the running minimum of a curve (ES-WMV's variance, an MC-SURE curve) once it has
+    not improved for ``patience`` measurements; NaN values are skipped."""
     if patience < 1:
         raise UserError(f"stopping patience must be at least 1, got {patience}")
-    v = np.asarray(variance, dtype=np.float64)
+    v = np.asarray(values, dtype=np.float64)
     best, best_at = np.inf, -1
     for i, value in enumerate(v):
         if np.isnan(value):
@@ -171,12 +172,12 @@ def es_wmv(wmv: np.ndarray, patience: int = VARIANCE_PATIENCE) -> int | None:
     fewer than W outputs exist); the rule returns the index of the minimum once it has not
     improved for ``patience`` measurements.
     """
-    return _patience_stop(wmv, patience)
+    return patience_stop(wmv, patience)
 
 
 def es_emv(emv: np.ndarray, patience: int = VARIANCE_PATIENCE) -> int | None:
     """ES-EMV: as :func:`es_wmv` on the exponential moving variance (α = 0.1)."""
-    return _patience_stop(emv, patience)
+    return patience_stop(emv, patience)
 
 
 class OnlineRatioRule:

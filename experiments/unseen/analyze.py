@@ -6,7 +6,7 @@ never fires (what a user gets). Per image, a λ criterion picks one of the grid'
 can see; its PSNR at its stop is compared with the oracle's pick (the best PSNR at the stop among
 the grid) and with the fixed λ = 1.4 of the profile.
 
-    python experiments/unseen/analyze.py            # writes results.json, prints the tables
+    python experiments/unseen/analyze.py     # writes results.json and tables.md, prints a digest
 """
 
 from __future__ import annotations
@@ -19,12 +19,15 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.lambda_choice import mc_sure
-from pipeline.stopping import es_emv, es_wmv, ratio_rule
+from pipeline.stopping import es_emv, es_wmv, patience_stop, ratio_rule
+from pipeline.tuning import spearman
 
 HERE = Path(__file__).parent
 FIXED_LAM = 1.4
 VARIANCE_PATIENCE = 1000
 """ES-WMV / ES-EMV patience of the CPU profile (params.yaml stopping)."""
+GOOD_GAP_DB = 1.0
+TARGET_SHARE = 0.9
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,10 @@ class Rule:
     name: str
     stop: Callable[[dict[str, np.ndarray]], int | None]
 
+    @property
+    def on_ratio(self) -> bool:
+        return self.name.startswith("ratio")
+
 
 def ratio(window: int, eps: float, scale: str) -> Rule:
     return Rule(
@@ -42,25 +49,51 @@ def ratio(window: int, eps: float, scale: str) -> Rule:
     )
 
 
+def warmed(curve: np.ndarray, skip: int = 100) -> np.ndarray:
+    """``curve`` with its first ``skip`` values set to NaN (ignored by the patience rules)."""
+    return np.concatenate([np.full(skip, np.nan), curve[skip:]])
+
+
+PAPER_RULE = "ratio absolute n=100 eps=0.01"
+PROFILE_RULE = "ratio absolute n=150 eps=0.1"
+REPORT_RULES = [
+    PROFILE_RULE,
+    PAPER_RULE,
+    "ratio relative n=150 eps=0.03",
+    "ratio log n=150 eps=0.03",
+    "ratio log n=150 eps=0.05",
+    "es_wmv patience=1000",
+    "es_wmv patience=200",
+    "es_emv patience=1000",
+    "es_emv patience=200 from 100",
+    "sure patience=200",
+]
 RULES = [
-    ratio(100, 0.01, "absolute"),  # the paper's
-    ratio(150, 0.1, "absolute"),  # the CPU profile's
+    ratio(100, 0.01, "absolute"),
+    ratio(150, 0.1, "absolute"),
+    *[ratio(150, eps, "absolute") for eps in (0.05, 0.2, 0.3, 0.5)],
     *[
         ratio(window, eps, scale)
         for scale in ("relative", "log")
         for window in (100, 150, 200)
-        for eps in (0.005, 0.01, 0.02, 0.03, 0.05)
+        for eps in (0.01, 0.02, 0.03, 0.05, 0.07, 0.1)
     ],
     Rule("es_wmv patience=1000", lambda c: es_wmv(c["wmv"], VARIANCE_PATIENCE)),
     Rule("es_emv patience=1000", lambda c: es_emv(c["emv"], VARIANCE_PATIENCE)),
     Rule("es_wmv patience=200", lambda c: es_wmv(c["wmv"], 200)),
     Rule("es_emv patience=200", lambda c: es_emv(c["emv"], 200)),
+    # The EMV curve starts at 0 (no deviation yet), so ES-EMV as recorded stops at 0 after its
+    # patience; these variants skip the first 100 measurements, as ES-WMV's window does.
+    Rule("es_emv patience=1000 from 100", lambda c: es_emv(warmed(c["emv"]), VARIANCE_PATIENCE)),
+    Rule("es_emv patience=200 from 100", lambda c: es_emv(warmed(c["emv"]), 200)),
+    # Needs MC-SURE's twin fit: the running minimum of the SURE curve (true σ).
+    Rule("sure patience=200", lambda c: patience_stop(c["sure"], 200)),
 ]
 
 
 @dataclass
 class Image:
-    """The recorded curves of one validation image (collect.py)."""
+    """The recorded curves of one validation image (collect.py), hold-out part if recorded."""
 
     name: str
     meta: dict
@@ -74,12 +107,9 @@ class Image:
     def budget(self) -> int:
         return self.arrays["grid_psnr"].shape[1]
 
-    def grid(self, member: int) -> dict[str, np.ndarray]:
-        return {
-            key[len("grid_") :]: values[member].astype(np.float64)
-            for key, values in self.arrays.items()
-            if key.startswith("grid_")
-        }
+    @property
+    def has_holdout(self) -> bool:
+        return "holdout_mse" in self.arrays
 
     def sure(self, member: int, sigma: float) -> np.ndarray:
         return mc_sure(
@@ -91,13 +121,27 @@ class Image:
             self.meta["numel"],
         )
 
+    def grid(self, member: int) -> dict[str, np.ndarray]:
+        """Member ``member``'s curves, with its SURE curve (true σ) as ``sure``."""
+        curves = {
+            key[len("grid_") :]: values[member].astype(np.float64)
+            for key, values in self.arrays.items()
+            if key.startswith("grid_")
+        }
+        return {**curves, "sure": self.sure(member, self.meta["sigma"])}
+
 
 def load(folder: Path) -> list[Image]:
     images = []
     for meta_path in sorted(folder.glob("*.json")):
+        if meta_path.name.endswith(".holdout.json"):
+            continue
         meta = json.loads(meta_path.read_text())
-        with np.load(meta_path.with_suffix(".npz")) as npz:
-            arrays = {key: npz[key] for key in npz.files}
+        arrays: dict[str, np.ndarray] = {}
+        for path in (meta_path.with_suffix(".npz"), folder / f"{meta['image']}.holdout.npz"):
+            if path.is_file():
+                with np.load(path) as npz:
+                    arrays.update({key: npz[key] for key in npz.files})
         images.append(Image(meta["image"], meta, arrays))
     return images
 
@@ -105,6 +149,23 @@ def load(folder: Path) -> list[Image]:
 def at_stop(stop: int | None, budget: int) -> int:
     """The index of the output a user gets: the stop's, or the budget's last."""
     return budget - 1 if stop is None else stop
+
+
+def holdout_scores(image: Image, rule: Rule, index: list[int]) -> np.ndarray:
+    """(folds, λ) held-out MSE of each hold-out fit at its own stop (its own ratio curve under a
+    ratio rule; the full fit's stop under the others, whose curves were not recorded for it)."""
+    held, held_ratio = image.arrays["holdout_mse"], image.arrays["holdout_ratio"]
+    folds, count, _ = held.shape
+    scores = np.empty((folds, count))
+    for f in range(folds):
+        for m in range(count):
+            stop = (
+                at_stop(rule.stop({"ratio": held_ratio[f, m].astype(np.float64)}), image.budget)
+                if rule.on_ratio
+                else index[m]
+            )
+            scores[f, m] = held[f, m, stop]
+    return scores
 
 
 def evaluate_image(image: Image, rule: Rule) -> dict:
@@ -115,29 +176,18 @@ def evaluate_image(image: Image, rule: Rule) -> dict:
     curves = [image.grid(m) for m in members]
     stops = [rule.stop(c) for c in curves]
     index = [at_stop(s, budget) for s in stops]
-    psnr = np.array([c["psnr"][i] for c, i in zip(curves, index, strict=True)])
+
+    def at(values: list[np.ndarray]) -> np.ndarray:
+        return np.array([v[i] for v, i in zip(values, index, strict=True)])
+
+    psnr = at([c["psnr"] for c in curves])
     peak = np.array([np.nanmax(c["psnr"]) for c in curves])
     final = np.array([c["psnr"][-1] for c in curves])
-    sure = np.array([image.sure(m, sigma)[index[m]] for m in members])
-    sure_hat = np.array([image.sure(m, sigma_hat)[index[m]] for m in members])
-    sure_final = np.array([image.sure(m, sigma)[-1] for m in members])
-    true_mse = 10 ** (-psnr / 10)
-    loss = np.array([c["loss"][i] for c, i in zip(curves, index, strict=True)])
-    fbc_gap = np.array([c["fbc_1"][i] - c["fbc_5"][i] for c, i in zip(curves, index, strict=True)])
-    held = image.arrays["holdout_mse"]
-    held_ratio = image.arrays["holdout_ratio"]
-    folds = held.shape[0]
-    fold_scores = np.array(
-        [
-            [
-                held[f, m, at_stop(rule.stop({"ratio": held_ratio[f, m]}), budget)]
-                if rule.name.startswith("ratio")
-                else held[f, m, index[m]]
-                for m in members
-            ]
-            for f in range(folds)
-        ]
-    )
+    sure = at([c["sure"] for c in curves])
+    sure_hat = at([image.sure(m, sigma_hat) for m in members])
+    sure_final = np.array([c["sure"][-1] for c in curves])
+    loss = at([c["loss"] for c in curves])
+    fbc_gap = at([c["fbc_1"] - c["fbc_5"] for c in curves])
     picks = {
         "oracle": int(np.nanargmax(psnr)),
         "fixed": int(np.argmin(np.abs(lams - FIXED_LAM))),
@@ -146,44 +196,57 @@ def evaluate_image(image: Image, rule: Rule) -> dict:
         "sure_final": int(np.nanargmin(sure_final)),
         "discrepancy": int(np.nanargmin(np.abs(loss - sigma**2))),
         "fbc_gap": int(np.nanargmax(fbc_gap)),
-        **{f"holdout_{k}": int(np.nanargmin(fold_scores[:k].mean(axis=0))) for k in (1, folds)},
+        # The fit whose ratio settles first (the budget where none does); ties: the smaller λ.
+        "ratio_first": int(np.argmin(index)),
     }
+    row: dict = {}
+    if image.has_holdout:
+        folds = holdout_scores(image, rule, index)
+        picks["holdout_1"] = int(np.argmin(folds[0]))
+        picks["holdout_k"] = int(np.argmin(folds.mean(axis=0)))
+        row["holdout_folds"] = folds.tolist()
+        row["holdout_fold_picks"] = [float(lams[int(np.argmin(f))]) for f in folds]
+    true_mse = 10 ** (-psnr / 10)
     return {
         "image": image.name,
         "stops": stops,
         "psnr_stop": psnr.tolist(),
         "peak": peak.tolist(),
         "final": final.tolist(),
-        "sure_error": (sure - true_mse).tolist(),
         "true_mse": true_mse.tolist(),
-        "holdout_fold_scores": fold_scores.tolist(),
+        "sure": sure.tolist(),
+        "sure_spearman": spearman(-sure, psnr),
+        **row,
         "picks": {name: float(lams[m]) for name, m in picks.items()},
         "psnr": {name: float(psnr[m]) for name, m in picks.items()},
         "fired": {name: stops[m] is not None for name, m in picks.items()},
         "gap": {name: float(peak[m] - psnr[m]) for name, m in picks.items()},
         "drop": {name: float(peak[m] - final[m]) for name, m in picks.items()},
+        "dip_drop": float(np.nanmax(image.arrays["dip_psnr"]) - image.arrays["dip_psnr"][-1]),
     }
 
 
 def summarise(rows: list[dict], criterion: str) -> dict:
     """Mean and worst PSNR lost against the oracle's λ and the fixed λ; stop statistics."""
+    rows = [r for r in rows if criterion in r["psnr"]]
     vs_oracle = np.array([r["psnr"]["oracle"] - r["psnr"][criterion] for r in rows])
     vs_fixed = np.array([r["psnr"]["fixed"] - r["psnr"][criterion] for r in rows])
     fired = np.array([r["fired"][criterion] for r in rows])
     gap = np.array([r["gap"][criterion] for r in rows])
     drop = np.array([r["drop"][criterion] for r in rows])
     return {
+        "images": len(rows),
         "mean_loss_vs_oracle": float(vs_oracle.mean()),
         "worst_loss_vs_oracle": float(vs_oracle.max()),
         "mean_loss_vs_fixed": float(vs_fixed.mean()),
         "worst_loss_vs_fixed": float(vs_fixed.max()),
         "mean_psnr": float(np.mean([r["psnr"][criterion] for r in rows])),
         "fired": float(fired.mean()),
-        "within_1db": float((gap <= 1.0).mean()),
-        "fired_within_1db": float((fired & (gap <= 1.0)).mean()),
+        "within_1db": float((gap <= GOOD_GAP_DB).mean()),
+        "fired_within_1db": float((fired & (gap <= GOOD_GAP_DB)).mean()),
         "mean_gap": float(gap.mean()),
         "mean_drop": float(drop.mean()),
-        "drop_le_0.3": float((drop <= 0.3).mean()),
+        "worst_drop": float(drop.max()),
     }
 
 
@@ -194,30 +257,146 @@ def member_stop_stats(rows: list[dict]) -> dict:
     return {
         "fits": int(fired.size),
         "fired": float(fired.mean()),
-        "within_1db": float((gap <= 1.0).mean()),
+        "within_1db": float((gap <= GOOD_GAP_DB).mean()),
+        "fired_within_1db": float((fired & (gap <= GOOD_GAP_DB)).mean()),
         "mean_gap": float(gap.mean()),
     }
 
 
+def sure_accuracy(rows: list[dict]) -> dict:
+    """How far MC-SURE at the stops is from the true MSE, over every grid member."""
+    error = np.array([s - t for r in rows for s, t in zip(r["sure"], r["true_mse"], strict=True)])
+    true = np.array([t for r in rows for t in r["true_mse"]])
+    rho = [r["sure_spearman"] for r in rows if r["sure_spearman"] is not None]
+    return {
+        "median_abs_error": float(np.median(np.abs(error))),
+        "p90_abs_error": float(np.quantile(np.abs(error), 0.9)),
+        "median_rel_error": float(np.median(np.abs(error) / true)),
+        "mean_spearman": float(np.mean(rho)),
+        "min_spearman": float(np.min(rho)),
+    }
+
+
+def holdout_noise(rows: list[dict]) -> dict:
+    """The hold-out objective's noise: fold-to-fold std of the held-out MSE at the stop, against
+    the true MSE's spread between the two best λ; and how often the folds agree."""
+    rows = [r for r in rows if "holdout_folds" in r]
+    if not rows:
+        return {}
+    fold_std = [float(np.std(r["holdout_folds"], axis=0, ddof=1).mean()) for r in rows]
+    best_two = [float(np.diff(np.sort(r["true_mse"])[:2])[0]) for r in rows]
+    agree = [len(set(r["holdout_fold_picks"])) == 1 for r in rows]
+    return {
+        "images": len(rows),
+        "median_fold_std": float(np.median(fold_std)),
+        "median_std_of_mean": float(np.median(fold_std) / np.sqrt(len(rows[0]["holdout_folds"]))),
+        "median_true_mse_gap_best_two": float(np.median(best_two)),
+        "folds_agree": float(np.mean(agree)),
+    }
+
+
+SMOOTH = {"moon", "microaneurysms", "retina", "cell", "hubble_deep_field", "clock_motion"}
+"""Images whose 64×64 crop is mostly smooth (README)."""
+CRITERIA = {
+    "oracle": "oracle (PSNR against the clean image)",
+    "fixed": "fixed λ = 1.4 (the profile's)",
+    "sure": "MC-SURE at the stop, true σ",
+    "sure_sigma_hat": "MC-SURE at the stop, σ estimated from y",
+    "sure_final": "MC-SURE at the budget's output",
+    "holdout_1": "hold-out 10 %, one fold (sdip tune's objective)",
+    "holdout_k": "hold-out 10 %, 3 disjoint folds averaged",
+    "discrepancy": "discrepancy: loss at the stop closest to σ²",
+    "fbc_gap": "FBC: largest FBC band 1 − band 5 at the stop",
+    "ratio_first": "ratio: the fit whose ratio rule fires first",
+}
+
+
+def tables(results: dict, rules: list[str]) -> str:
+    """The README's tables (markdown) for the stopping rules ``rules`` (first: the reference)."""
+    main_rule = results["rules"][rules[0]]
+    lines = [f"### λ criteria under the stop `{rules[0]}`", ""]
+    lines += [
+        "| criterion | images | loss vs oracle λ: mean / worst (dB) "
+        "| loss vs fixed λ = 1.4 (negative: a gain): mean / worst (dB) | mean PSNR at the stop |",
+        "|---|---|---|---|---|",
+    ]
+    for name, label in CRITERIA.items():
+        c = main_rule["criteria"].get(name)
+        if c is None:
+            continue
+        lines.append(
+            f"| {label} | {c['images']} | {c['mean_loss_vs_oracle']:.2f} / "
+            f"{c['worst_loss_vs_oracle']:.2f} | {c['mean_loss_vs_fixed']:+.2f} / "
+            f"{c['worst_loss_vs_fixed']:+.2f} | {c['mean_psnr']:.2f} |"
+        )
+    lines += ["", f"### Per image, stop `{rules[0]}`", ""]
+    lines += [
+        "| image | smooth | oracle λ → PSNR | fixed 1.4 | MC-SURE λ → PSNR (stop it.) "
+        "| σ̂ λ | hold-out 3 folds λ | Gaussian drop at SURE λ | DIP drop |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in main_rule["per_image"]:
+        picks, psnr = row["picks"], row["psnr"]
+        sure_index = [round(v, 3) for v in results["grid"]].index(picks["sure"])
+        stop = row["stops"][sure_index]
+        held = f"{picks['holdout_k']:g} → {psnr['holdout_k']:.2f}" if "holdout_k" in picks else "–"
+        lines.append(
+            f"| {row['image']} | {'yes' if row['image'] in SMOOTH else ''} "
+            f"| {picks['oracle']:g} → {psnr['oracle']:.2f} | {psnr['fixed']:.2f} "
+            f"| {picks['sure']:g} → {psnr['sure']:.2f} ({stop if stop is not None else 'budget'}) "
+            f"| {picks['sure_sigma_hat']:g} | {held} | {row['drop']['sure']:.2f} "
+            f"| {row['dip_drop']:.2f} |"
+        )
+    lines += ["", "### Stopping rules, at the MC-SURE λ and over every fit", ""]
+    lines += [
+        "| rule | at the SURE λ: fired / fired within 1 dB / mean gap (dB) "
+        "| SURE λ's loss vs oracle: mean / worst | all fits: fired / fired within 1 dB |",
+        "|---|---|---|---|",
+    ]
+    for name in rules:
+        entry = results["rules"][name]
+        c, m = entry["criteria"]["sure"], entry["all_members"]
+        lines.append(
+            f"| `{name}` | {c['fired']:.0%} / {c['fired_within_1db']:.0%} / {c['mean_gap']:.2f} "
+            f"| {c['mean_loss_vs_oracle']:.2f} / {c['worst_loss_vs_oracle']:.2f} "
+            f"| {m['fired']:.0%} / {m['fired_within_1db']:.0%} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     images = load(HERE / "curves")
-    results: dict = {"images": [i.name for i in images], "rules": {}}
+    results: dict = {
+        "images": [i.name for i in images],
+        "holdout_images": [i.name for i in images if i.has_holdout],
+        "rules": {},
+    }
     for rule in RULES:
         rows = [evaluate_image(image, rule) for image in images]
-        criteria = list(rows[0]["picks"])
+        criteria = sorted({c for r in rows for c in r["picks"]})
         results["rules"][rule.name] = {
             "per_image": rows,
             "criteria": {c: summarise(rows, c) for c in criteria},
+            "holdout_subset": {
+                c: summarise([r for r in rows if "holdout_k" in r["picks"]], c)
+                for c in criteria
+                if any("holdout_k" in r["picks"] for r in rows)
+            },
             "all_members": member_stop_stats(rows),
+            "sure_accuracy": sure_accuracy(rows),
+            "holdout_noise": holdout_noise(rows),
         }
+    results["grid"] = images[0].lams.tolist()
     (HERE / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (HERE / "tables.md").write_text(tables(results, REPORT_RULES))
     for name, entry in results["rules"].items():
         s, m = entry["criteria"]["sure"], entry["all_members"]
         print(
-            f"{name:34s} SURE: loss vs oracle {s['mean_loss_vs_oracle']:.2f}/"
-            f"{s['worst_loss_vs_oracle']:.2f}, vs fixed {s['mean_loss_vs_fixed']:+.2f}; "
-            f"fired {s['fired']:.0%}, ≤1dB {s['within_1db']:.0%}; "
-            f"all fits fired {m['fired']:.0%} ≤1dB {m['within_1db']:.0%}"
+            f"{name:30s} SURE λ: vs oracle {s['mean_loss_vs_oracle']:.2f}/"
+            f"{s['worst_loss_vs_oracle']:.2f} vs fixed {s['mean_loss_vs_fixed']:+.2f} "
+            f"fired {s['fired']:.0%} fired≤1dB {s['fired_within_1db']:.0%} "
+            f"drop {s['mean_drop']:.2f} | all fits fired {m['fired']:.0%} "
+            f"fired≤1dB {m['fired_within_1db']:.0%}"
         )
 
 
