@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,8 @@ FIXED_LAM = 1.4
 VARIANCE_PATIENCE = 1000
 """ES-WMV / ES-EMV patience of the CPU profile (params.yaml stopping)."""
 GOOD_GAP_DB = 1.0
+MAX_DROP_DB = 0.3
+"""The CPU profile's bound on the controlled method's drop (aggregate.phenomena)."""
 TARGET_SHARE = 0.9
 
 
@@ -52,6 +55,22 @@ def ratio(window: int, eps: float, scale: str) -> Rule:
 def warmed(curve: np.ndarray, skip: int = 100) -> np.ndarray:
     """``curve`` with its first ``skip`` values set to NaN (ignored by the patience rules)."""
     return np.concatenate([np.full(skip, np.nan), curve[skip:]])
+
+
+def emv_from(curves: dict[str, np.ndarray], patience: int, skip: int) -> int | None:
+    return es_emv(warmed(curves["emv"], skip), patience)
+
+
+def sure_smoothed(curves: dict[str, np.ndarray], window: int, patience: int) -> int | None:
+    """The patience rule on the mean of the last ``window`` SURE values (NaN before)."""
+    c = np.concatenate([[0.0], np.cumsum(curves["sure"])])
+    mean = np.full(len(curves["sure"]), np.nan)
+    mean[window - 1 :] = (c[window:] - c[:-window]) / window
+    return patience_stop(mean, patience)
+
+
+def wmv_with(curves: dict[str, np.ndarray], patience: int) -> int | None:
+    return es_wmv(curves["wmv"], patience)
 
 
 PAPER_RULE = "ratio absolute n=100 eps=0.01"
@@ -85,9 +104,21 @@ RULES = [
     # The EMV curve starts at 0 (no deviation yet), so ES-EMV as recorded stops at 0 after its
     # patience; these variants skip the first 100 measurements, as ES-WMV's window does.
     Rule("es_emv patience=1000 from 100", lambda c: es_emv(warmed(c["emv"]), VARIANCE_PATIENCE)),
-    Rule("es_emv patience=200 from 100", lambda c: es_emv(warmed(c["emv"]), 200)),
-    # Needs MC-SURE's twin fit: the running minimum of the SURE curve (true σ).
+    *[
+        Rule(f"es_emv patience={p} from {skip}", partial(emv_from, patience=p, skip=skip))
+        for p in (100, 200, 300)
+        for skip in (10, 100)
+    ],
+    *[Rule(f"es_wmv patience={p}", partial(wmv_with, patience=p)) for p in (100, 300)],
+    # Need MC-SURE's twin fit: the running minimum of the SURE curve (true σ), raw or averaged
+    # over a trailing window; and its minimum over the whole budget (no time saved).
     Rule("sure patience=200", lambda c: patience_stop(c["sure"], 200)),
+    *[
+        Rule(f"sure mean{w} patience={p}", partial(sure_smoothed, window=w, patience=p))
+        for w in (25, 50, 100)
+        for p in (100, 200, 300)
+    ],
+    Rule("sure argmin", lambda c: int(np.nanargmin(c["sure"]))),
 ]
 
 
@@ -146,6 +177,11 @@ def load(folder: Path) -> list[Image]:
     return images
 
 
+def as_db(mse: float) -> float:
+    """PSNR of an MSE estimate; SURE can be ≤ 0, read as a perfect estimate (+inf)."""
+    return 10 * np.log10(1 / mse) if mse > 0 else np.inf
+
+
 def at_stop(stop: int | None, budget: int) -> int:
     """The index of the output a user gets: the stop's, or the budget's last."""
     return budget - 1 if stop is None else stop
@@ -187,6 +223,9 @@ def evaluate_image(image: Image, rule: Rule) -> dict:
     sure_hat = at([image.sure(m, sigma_hat) for m in members])
     sure_final = np.array([c["sure"][-1] for c in curves])
     loss = at([c["loss"] for c in curves])
+    # SURE's own estimate of each fit's drop: its best PSNR over the run against the budget's.
+    sure_drop = np.array([as_db(np.nanmin(c["sure"])) - as_db(c["sure"][-1]) for c in curves])
+    steady = np.flatnonzero(sure_drop <= MAX_DROP_DB)
     fbc_gap = at([c["fbc_1"] - c["fbc_5"] for c in curves])
     picks = {
         "oracle": int(np.nanargmax(psnr)),
@@ -194,6 +233,10 @@ def evaluate_image(image: Image, rule: Rule) -> dict:
         "sure": int(np.nanargmin(sure)),
         "sure_sigma_hat": int(np.nanargmin(sure_hat)),
         "sure_final": int(np.nanargmin(sure_final)),
+        # Among the fits SURE sees drop by at most 0.3 dB, the best SURE at the stop.
+        "sure_steady": int(steady[np.nanargmin(sure[steady])])
+        if steady.size
+        else int(np.nanargmin(sure_drop)),
         "discrepancy": int(np.nanargmin(np.abs(loss - sigma**2))),
         "fbc_gap": int(np.nanargmax(fbc_gap)),
         # The fit whose ratio settles first (the budget where none does); ties: the smaller λ.
@@ -303,6 +346,7 @@ CRITERIA = {
     "sure": "MC-SURE at the stop, true σ",
     "sure_sigma_hat": "MC-SURE at the stop, σ estimated from y",
     "sure_final": "MC-SURE at the budget's output",
+    "sure_steady": "MC-SURE at the stop, among fits whose SURE drops ≤ 0.3 dB",
     "holdout_1": "hold-out 10 %, one fold (sdip tune's objective)",
     "holdout_k": "hold-out 10 %, 3 disjoint folds averaged",
     "discrepancy": "discrepancy: loss at the stop closest to σ²",
@@ -350,7 +394,8 @@ def tables(results: dict, rules: list[str]) -> str:
     lines += ["", "### Stopping rules, at the MC-SURE λ and over every fit", ""]
     lines += [
         "| rule | at the SURE λ: fired / fired within 1 dB / mean gap (dB) "
-        "| SURE λ's loss vs oracle: mean / worst | all fits: fired / fired within 1 dB |",
+        "| SURE λ: mean PSNR at the stop, loss vs oracle: mean / worst "
+        "| all fits: fired / fired within 1 dB |",
         "|---|---|---|---|",
     ]
     for name in rules:
@@ -358,8 +403,8 @@ def tables(results: dict, rules: list[str]) -> str:
         c, m = entry["criteria"]["sure"], entry["all_members"]
         lines.append(
             f"| `{name}` | {c['fired']:.0%} / {c['fired_within_1db']:.0%} / {c['mean_gap']:.2f} "
-            f"| {c['mean_loss_vs_oracle']:.2f} / {c['worst_loss_vs_oracle']:.2f} "
-            f"| {m['fired']:.0%} / {m['fired_within_1db']:.0%} |"
+            f"| {c['mean_psnr']:.2f}, {c['mean_loss_vs_oracle']:.2f} / "
+            f"{c['worst_loss_vs_oracle']:.2f} | {m['fired']:.0%} / {m['fired_within_1db']:.0%} |"
         )
     return "\n".join(lines) + "\n"
 
