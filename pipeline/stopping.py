@@ -128,7 +128,8 @@ def ratio_rule(
     n = window
     if len(r) <= 2 * n:
         return None
-    v = np.log(r) if scale == "log" else r
+    with np.errstate(divide="ignore"):  # a ratio of 0 (a flat output) is log 0 = -inf
+        v = np.log(r) if scale == "log" else r
     c = np.concatenate([[0.0], np.cumsum(v)])
     i = np.arange(2 * n + 1, len(r))
     m1 = (c[i - n] - c[i - 2 * n]) / n

@@ -69,6 +69,15 @@ def sure_smoothed(curves: dict[str, np.ndarray], window: int, patience: int) -> 
     return patience_stop(mean, patience)
 
 
+def emv_corrected(curves: dict[str, np.ndarray], patience: int, alpha: float = 0.1) -> int | None:
+    """ES-EMV on the EMV divided by its start-up weight 1 − (1 − α)^m (as Adam's moments): the
+    recorded EMV starts at 0 and is biased low for about 1/α measurements."""
+    emv = curves["emv"]
+    weight = 1 - (1 - alpha) ** np.arange(len(emv))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return es_emv(np.where(weight > 0, emv / weight, np.nan), patience)
+
+
 def wmv_with(curves: dict[str, np.ndarray], patience: int) -> int | None:
     return es_wmv(curves["wmv"], patience)
 
@@ -110,6 +119,10 @@ RULES = [
         for skip in (10, 100)
     ],
     *[Rule(f"es_wmv patience={p}", partial(wmv_with, patience=p)) for p in (100, 300)],
+    *[
+        Rule(f"es_emv patience={p} bias-corrected", partial(emv_corrected, patience=p))
+        for p in (200, 1000)
+    ],
     # Need MC-SURE's twin fit: the running minimum of the SURE curve (true σ), raw or averaged
     # over a trailing window; and its minimum over the whole budget (no time saved).
     Rule("sure patience=200", lambda c: patience_stop(c["sure"], 200)),
