@@ -254,6 +254,7 @@ def evaluate_image(image: Image, rule: Rule) -> dict:
         "fbc_gap": int(np.nanargmax(fbc_gap)),
         # The fit whose ratio settles first (the budget where none does); ties: the smaller λ.
         "ratio_first": int(np.argmin(index)),
+        **{f"fixed_{lam:g}": m for m, lam in enumerate(lams)},
     }
     row: dict = {}
     if image.has_holdout:
@@ -386,6 +387,17 @@ def tables(results: dict, rules: list[str]) -> str:
             f"{c['worst_loss_vs_oracle']:.2f} | {c['mean_loss_vs_fixed']:+.2f} / "
             f"{c['worst_loss_vs_fixed']:+.2f} | {c['mean_psnr']:.2f} |"
         )
+    fixed = [(name, c) for name, c in main_rule["criteria"].items() if name.startswith("fixed_")]
+    lines += ["", "One fixed λ for every image (same stop):", ""]
+    lines += ["| λ | " + " | ".join(name[len("fixed_") :] for name, _ in fixed) + " |"]
+    lines += ["|---|" + "---|" * len(fixed)]
+    lines += [
+        "| loss vs oracle: mean / worst (dB) | "
+        + " | ".join(
+            f"{c['mean_loss_vs_oracle']:.2f} / {c['worst_loss_vs_oracle']:.2f}" for _, c in fixed
+        )
+        + " |"
+    ]
     lines += ["", f"### Per image, stop `{rules[0]}`", ""]
     lines += [
         "| image | smooth | oracle λ → PSNR | fixed 1.4 | MC-SURE λ → PSNR (stop it.) "
