@@ -87,14 +87,17 @@ PROFILE_RULE = "ratio absolute n=150 eps=0.1"
 REPORT_RULES = [
     PROFILE_RULE,
     PAPER_RULE,
+    "ratio relative n=150 eps=0.02",
     "ratio relative n=150 eps=0.03",
+    "ratio log n=150 eps=0.02",
     "ratio log n=150 eps=0.03",
-    "ratio log n=150 eps=0.05",
+    "ratio log n=150 eps=0.07",
+    "ratio log n=200 eps=0.03",
     "es_wmv patience=1000",
     "es_wmv patience=200",
     "es_emv patience=1000",
-    "es_emv patience=200 from 100",
-    "sure patience=200",
+    "es_emv patience=200 from 10",
+    "sure mean50 patience=100",
 ]
 RULES = [
     ratio(100, 0.01, "absolute"),
@@ -369,8 +372,9 @@ CRITERIA = {
 }
 
 
-def tables(results: dict, rules: list[str]) -> str:
-    """The README's tables (markdown) for the stopping rules ``rules`` (first: the reference)."""
+def tables(results: dict, rules: list[str], profile: dict[str, list[dict]]) -> str:
+    """The README's tables (markdown) for the stopping rules ``rules`` (first: the reference);
+    ``profile`` maps a rule to its stops on the profile's own Gaussian fits (profile_images.py)."""
     main_rule = results["rules"][rules[0]]
     lines = [f"### λ criteria under the stop `{rules[0]}`", ""]
     lines += [
@@ -420,16 +424,21 @@ def tables(results: dict, rules: list[str]) -> str:
     lines += [
         "| rule | at the SURE λ: fired / fired within 1 dB / mean gap (dB) "
         "| SURE λ: mean PSNR at the stop, loss vs oracle: mean / worst "
-        "| all fits: fired / fired within 1 dB |",
-        "|---|---|---|---|",
+        "| all fits: fired / fired within 1 dB | profile's astronaut, coffee: stop (gap dB) |",
+        "|---|---|---|---|---|",
     ]
     for name in rules:
         entry = results["rules"][name]
         c, m = entry["criteria"]["sure"], entry["all_members"]
+        own = profile.get(name, [])
+        cells = ", ".join(
+            f"{'budget' if f['stop'] is None else f['stop']} ({f['gap']:.2f})" for f in own
+        )
         lines.append(
             f"| `{name}` | {c['fired']:.0%} / {c['fired_within_1db']:.0%} / {c['mean_gap']:.2f} "
             f"| {c['mean_psnr']:.2f}, {c['mean_loss_vs_oracle']:.2f} / "
-            f"{c['worst_loss_vs_oracle']:.2f} | {m['fired']:.0%} / {m['fired_within_1db']:.0%} |"
+            f"{c['worst_loss_vs_oracle']:.2f} | {m['fired']:.0%} / {m['fired_within_1db']:.0%} "
+            f"| {cells or '–'} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -458,7 +467,16 @@ def main() -> None:
         }
     results["grid"] = images[0].lams.tolist()
     (HERE / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    (HERE / "tables.md").write_text(tables(results, REPORT_RULES))
+    own = HERE / "profile_images.json"
+    profile = (
+        {
+            name: [f for f in entry["fits"] if f["fit"].endswith("gaussian")]
+            for name, entry in json.loads(own.read_text())["rules"].items()
+        }
+        if own.is_file()
+        else {}
+    )
+    (HERE / "tables.md").write_text(tables(results, REPORT_RULES, profile))
     for name, entry in results["rules"].items():
         s, m = entry["criteria"]["sure"], entry["all_members"]
         print(

@@ -1,9 +1,11 @@
 """Experiment "unseen", step 3: the stopping rules of ``analyze.py`` on the default profile's own
 denoising fits (astronaut, coffee), so that a rule proposed for the CPU profile keeps its
-phenomena there. Reads the ``curves.csv`` of every method's fit in a ``runs/`` folder of a
-``dvc repro`` and writes ``profile_images.json``.
+phenomena there. Reads the ``curves.csv`` of every fit in a ``runs/`` folder (of a ``dvc repro``,
+or ``profile_runs/``: the Gaussian method's two fits made by ``sdip prepare denoising`` and
+``sdip optimize denoising IMAGE gaussian --variant 25`` with this branch's params.yaml, i.e. with
+item 4's blur) and writes ``profile_images.json``.
 
-    python experiments/unseen/profile_images.py /path/to/runs
+    python experiments/unseen/profile_images.py [RUNS]      # default: profile_runs/
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ from pipeline.results import read_curves
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", type=Path)
+    parser.add_argument("runs", type=Path, nargs="?", default=HERE / "profile_runs")
     args = parser.parse_args()
     fits = sorted(args.runs.glob("denoising/*/*/*/curves.csv"))
-    table: dict = {"runs": str(args.runs), "rules": {}}
+    table: dict = {"rules": {}}
     for rule in RULES:
         if rule.name.startswith("sure"):
             continue  # these fits have no MC-SURE twin
