@@ -15,7 +15,7 @@ is the output after t iterations of fitting y. Its divergence comes from a secon
 (:func:`pipeline.batched.fit_batched`), read at the same iteration. float32 fits are chaotic
 (a one-ulp change grows about tenfold every few steps), so a small ε measures rounding, not the
 fit's response: ``bᵀ(f(y + εb) − f(y))`` has a floor of ≈ 3·10⁻⁴·N whatever ε; ε = σ/2 keeps that
-floor below the response (``experiments/unseen/README.md``, "MC-SURE"). ``b`` is Rademacher
+floor below the response (``experiments/unseen/README.md``, section 1). ``b`` is Rademacher
 (±1): the lowest-variance probe for the trace (Hutchinson).
 """
 
@@ -78,11 +78,11 @@ class ProjectionRecorder:
         self.values = torch.full((members, iterations), float("nan"), dtype=torch.float64)
 
     def __call__(self, view: MemberView) -> None:
+        out = view.last_out
+        if self.values.device != out.device:  # once: both live where the fit runs
+            self.probe, self.values = self.probe.to(out.device), self.values.to(out.device)
         # At iteration count i the member's last output is that of measured iteration i − 1.
-        probe = self.probe.to(view.last_out.device)
-        self.values[view.member, view.iteration - 1] = (probe * view.last_out).sum(
-            dtype=torch.float64
-        )
+        self.values[view.member, view.iteration - 1] = (self.probe * out).sum(dtype=torch.float64)
 
 
 def mc_sure(
@@ -198,7 +198,7 @@ def choose_lambda(
         [recorder, *callbacks, *ending],
         cleans=None if problem.clean is None else [problem.clean] * (2 * count),
     )
-    projections = recorder.values.numpy()
+    projections = recorder.values.cpu().numpy()
     sure, stops = [], []
     for k in range(count):
         result = results[k]
