@@ -20,10 +20,13 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.lambda_choice import mc_sure
+from pipeline.settings import load_yaml
 from pipeline.stopping import es_emv, es_wmv, patience_stop, ratio_rule
 from pipeline.tuning import spearman
+from pipeline.unseen import verdicts
 
 HERE = Path(__file__).parent
+PHENOMENA = load_yaml(HERE.parents[1] / "profiles" / "cpu.yaml")["aggregate"]["phenomena"]
 FIXED_LAM = 1.4
 VARIANCE_PATIENCE = 1000
 """ES-WMV / ES-EMV patience of the CPU profile (params.yaml stopping)."""
@@ -269,6 +272,7 @@ def evaluate_image(image: Image, rule: Rule) -> dict:
     true_mse = 10 ** (-psnr / 10)
     return {
         "image": image.name,
+        "lams": lams.tolist(),
         "stops": stops,
         "psnr_stop": psnr.tolist(),
         "peak": peak.tolist(),
@@ -440,7 +444,58 @@ def tables(results: dict, rules: list[str], profile: dict[str, list[dict]]) -> s
             f"{c['worst_loss_vs_oracle']:.2f} | {m['fired']:.0%} / {m['fired_within_1db']:.0%} "
             f"| {cells or '–'} |"
         )
+    lines += ["", f"### The held-out phenomena check (stop `{rules[0]}`)", ""]
+    lines += check_table(main_rule["held_out_check"]["sure"], "λ by MC-SURE")
+    lines += check_table(main_rule["held_out_check"]["fixed"], "the profile's fixed λ = 1.4")
     return "\n".join(lines) + "\n"
+
+
+def held_out_check(rows: list[dict], criterion: str = "sure") -> dict:
+    """Item 3 from the recorded fits: the rows and verdicts :func:`pipeline.unseen.check_unseen`
+    computes (its fits are these fits), for λ chosen by ``criterion``."""
+    checked = []
+    for row in rows:
+        m = [round(v, 3) for v in row["lams"]].index(round(row["picks"][criterion], 3))
+        checked.append(
+            {
+                "image": row["image"],
+                "lam": row["picks"][criterion],
+                "stop_iteration": row["stops"][m],
+                "psnr_peak": row["peak"][m],
+                "psnr_stop": row["psnr_stop"][m],
+                "psnr_final": row["final"][m],
+                "drop": row["peak"][m] - row["final"][m],
+                "stop_gap": row["peak"][m] - row["psnr_stop"][m],
+                "dip_drop": row["dip_drop"],
+            }
+        )
+    return {"images": checked, **verdicts(checked, PHENOMENA)}
+
+
+def check_table(check: dict, title: str) -> list[str]:
+    lines = [f"#### {title}", ""]
+    lines += [
+        "| image | λ | stop | PSNR peak / stop / budget | drop | stop's gap | DIP drop |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in check["images"]:
+        stop = "budget" if r["stop_iteration"] is None else r["stop_iteration"]
+        lines.append(
+            f"| {r['image']} | {r['lam']:g} | {stop} | {r['psnr_peak']:.2f} / "
+            f"{r['psnr_stop']:.2f} / {r['psnr_final']:.2f} | {r['drop']:.2f} "
+            f"| {r['stop_gap']:.2f} | {r['dip_drop']:.2f} |"
+        )
+    s, v = check["summary"], check["verdicts"]
+    lines += [
+        "",
+        f"Mean drop {s['mean_drop']:.2f} dB (worst {s['worst_drop']:.2f}): "
+        f"{'pass' if v['controlled_drop'] else 'FAIL'} (≤ {PHENOMENA['max_controlled_drop']}); "
+        f"stopped before the budget {s['stopped']:.0%}, within "
+        f"{PHENOMENA['max_stop_gap']:g} dB {s['stopped_within_gap']:.0%}: "
+        f"{'pass' if v['stop_within_gap'] else 'FAIL'} (≥ 90 %).",
+        "",
+    ]
+    return lines
 
 
 def main() -> None:
@@ -462,6 +517,7 @@ def main() -> None:
                 if any("holdout_k" in r["picks"] for r in rows)
             },
             "all_members": member_stop_stats(rows),
+            "held_out_check": {c: held_out_check(rows, c) for c in ("sure", "fixed")},
             "sure_accuracy": sure_accuracy(rows),
             "holdout_noise": holdout_noise(rows),
         }
