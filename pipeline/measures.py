@@ -187,6 +187,19 @@ def _box_same(g: torch.Tensor, dim: int) -> torch.Tensor:
     return F.conv2d(g, weight, padding=padding)
 
 
+def first_difference(a: torch.Tensor, axis: int) -> torch.Tensor:
+    """``|a ∗ [1, −1]|`` along ``axis`` (1 = rows, 2 = columns) of a ``(B, H, W)`` array as the
+    zero-filled 'same' convolution of the reference (``scipy.signal.convolve2d(a, [[1, −1]],
+    "same")`` or its transpose), then trimmed by 1 pixel on every side (method.md §5).
+
+    The 'same' output of an even kernel starts at the full convolution's first value, so index 0
+    holds ``a[0]`` and index i ``a[i] − a[i−1]``; the trim drops index 0, which keeps the
+    difference of rows (columns) 0 and 1: the result is ``(H − 2, W − 2)``.
+    """
+    padding = (0, 0, 1, 0) if axis == 1 else (1, 0)
+    return F.pad(a, padding).diff(dim=axis).abs()[:, 1:-1, 1:-1]
+
+
 def _blur_gray(g: torch.Tensor) -> torch.Tensor:
     start, end = math.ceil(BLUR_KERNEL / 2), BLUR_KERNEL // 2
     height, width = g.shape[2:]
@@ -194,17 +207,17 @@ def _blur_gray(g: torch.Tensor) -> torch.Tensor:
     per_direction = []
     for dim in (2, 3):
         reblurred = _box_same(g, dim)[:, 0, start : height - end, start : width - end]
-        axis = dim - 1
-        d_f = trimmed.diff(dim=axis).abs()[:, 1:-1, 1:-1]
-        d_b = reblurred.diff(dim=axis).abs()[:, 1:-1, 1:-1]
+        d_f = first_difference(trimmed, dim - 1)
+        d_b = first_difference(reblurred, dim - 1)
         d_v = (d_f - d_b).clamp_min(0.0)
         sum_f = d_f.sum(dim=(1, 2))
         per_direction.append((sum_f - d_v.sum(dim=(1, 2))) / sum_f)
     return torch.maximum(*per_direction)
 
 
-BLUR_MIN_SIZE = 13
-"""Smallest H and W the blur measure accepts: trims of 5 + 4, a difference and 1 + 1 leave 1."""
+BLUR_MIN_SIZE = 12
+"""Smallest H and W the blur measure accepts: trims of 5 + 4, then 1 + 1 of the differences,
+leave 1."""
 
 
 def blur(x: torch.Tensor) -> torch.Tensor:
@@ -218,7 +231,9 @@ def blur(x: torch.Tensor) -> torch.Tensor:
     2. trim ``g`` and the re-blurred image to rows and columns ``5 .. N-5`` (ceil(9/2) dropped at
        the start, floor(9/2) at the end of each axis);
     3. ``D_F = |first difference of g|``, ``D_B = |first difference of the re-blurred image|``
-       along the direction, both then trimmed by 1 pixel on every side;
+       along the direction, as the zero-filled 'same' convolution with ``[1, −1]``
+       (:func:`first_difference`: index 0 holds the first pixel, index i the difference of
+       pixels i and i − 1), both then trimmed by 1 pixel on every side;
     4. ``D_V = max(D_F - D_B, 0)``, ``b = (sum D_F - sum D_V) / sum D_F``.
 
     ``B = max(b_vertical, b_horizontal)`` in [0, 1]; higher is blurrier. A constant image

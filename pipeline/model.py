@@ -144,7 +144,7 @@ class MeanOnlyBatchNorm(nn.Module):
     ``fused`` (default) uses the one-pass backward of :class:`_MeanOnlyBatchNormFunction`; under
     ``torch.func.vmap`` its generated batching rule measured slower than autograd's graph of the
     formula (34.8 against 28.6 ms a step for 4 members at 64², width 32), so batched fits turn it
-    off (pipeline.batched).
+    off (pipeline.networks).
     """
 
     def __init__(self, num_features: int, fused: bool = True) -> None:

@@ -184,7 +184,9 @@ class StopTracker(Tracker):
     at each member's first firing."""
 
     def __init__(self, stopping: StoppingConfig, shape: tuple[int, ...], device: torch.device):
-        self.rule = OnlineRatioRule(shape[0], stopping.ratio_window, stopping.ratio_eps, device)
+        self.rule = OnlineRatioRule(
+            shape[0], stopping.ratio_window, stopping.ratio_eps, device, stopping.ratio_scale
+        )
         self.out = torch.zeros(shape, device=device)
 
     def update(self, ratio: Tensor, out: Tensor) -> None:

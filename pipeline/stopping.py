@@ -5,7 +5,9 @@ iteration) and returns the index of the measurement at which it stops, or ``None
 fires. Because they are pure, different rules can be compared on the same run without
 re-optimising (method.md §5).
 
-- :func:`ratio_rule` — Shi et al. 2022, Eq. 8: the blurriness/sharpness ratio plateaus.
+- :func:`ratio_rule` — Shi et al. 2022, Eq. 8: the blurriness/sharpness ratio plateaus; the
+  paper compares window means of the ratio with an absolute ε, and two scale-free forms compare
+  them relative to the ratio's level or on log r (:data:`RATIO_SCALES`).
 - :func:`oracle_peak` — the best PSNR against the clean image (needs the clean image).
 - :func:`es_wmv` / :func:`es_emv` — Wang et al., "Early Stopping for Deep Image Prior": the running
   (windowed or exponential) variance of the outputs stops improving.
@@ -23,10 +25,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.errors import UserError, check_int, check_number
+from pipeline.errors import UserError, check_choice, check_int, check_number
 
 RATIO_WINDOW = 100
 RATIO_EPS = 0.01
+RATIO_SCALES = ("absolute", "relative", "log")
+"""How the ratio rule compares its two window means (:func:`ratio_rule`)."""
 VARIANCE_WINDOW = 100
 EMV_ALPHA = 0.1
 VARIANCE_PATIENCE = 1000
@@ -40,7 +44,7 @@ class StoppingConfig:
     """Settings of every stopping rule; the defaults are the paper's (method.md §5) and ES-WMV /
     ES-EMV's (experiments.md, "Other stopping rules").
 
-    One place for them: params.yaml's ``stopping`` section (``{ratio: {window, eps}, es_wmv:
+    One place for them: params.yaml's ``stopping`` section (``{ratio: {window, eps, scale}, es_wmv:
     {window, patience}, es_emv: {alpha, patience}}``) is merged into every fit's settings, the fit
     runs the ratio rule online and records the WMV / EMV curves with them, and the evaluation reads
     them back from each fit's recorded settings, so a stop in a table is the stop of its fit.
@@ -48,13 +52,14 @@ class StoppingConfig:
 
     ratio_window: int = RATIO_WINDOW
     ratio_eps: float = RATIO_EPS
+    ratio_scale: str = "absolute"
     wmv_window: int = VARIANCE_WINDOW
     wmv_patience: int = VARIANCE_PATIENCE
     emv_alpha: float = EMV_ALPHA
     emv_patience: int = VARIANCE_PATIENCE
 
     def __post_init__(self) -> None:
-        _check_window(self.ratio_window, self.ratio_eps)
+        _check_window(self.ratio_window, self.ratio_eps, self.ratio_scale)
         check_int("wmv_window", self.wmv_window, 0)
         check_int("wmv_patience", self.wmv_patience, 1)
         check_number("emv_alpha", self.emv_alpha, maximum=1, above=0)
@@ -81,30 +86,47 @@ class StoppingConfig:
         return flat
 
 
-def _check_window(window: int, eps: float) -> None:
+def _check_window(window: int, eps: float, scale: str) -> None:
     check_int("ratio_window", window, 2)
     check_number("ratio_eps", eps, above=0)
+    check_choice("ratio_scale", scale, RATIO_SCALES)
 
 
 def ratio_rule(
-    ratios: np.ndarray, window: int = RATIO_WINDOW, eps: float = RATIO_EPS
+    ratios: np.ndarray,
+    window: int = RATIO_WINDOW,
+    eps: float = RATIO_EPS,
+    scale: str = "absolute",
 ) -> int | None:
     """First index ``i`` at which the ratio rule fires (Shi et al. 2022, Eq. 8).
 
-    At ``i > 2n`` with ``m1 = mean(r[i-2n : i-n])`` and ``m2 = mean(r[i-n+1 : i])`` the rule fires
-    when ``|m1 - m2| < eps``. The second window holds n-1 values and leaves out ``r[i]`` (a quirk of
-    the reference, kept so that stop iterations are comparable).
+    At ``i > 2n`` with ``m1 = mean(v[i-2n : i-n])`` and ``m2 = mean(v[i-n+1 : i])`` the rule fires
+    when ``d < eps``, where by ``scale``
+
+    - ``absolute`` (the paper): ``v = r``, ``d = |m1 - m2|``;
+    - ``relative``: ``v = r``, ``d = |m1 - m2| / |m2|``, the change relative to the ratio's level;
+    - ``log``: ``v = log r``, ``d = |m1 - m2|``, the change of the windows' geometric means.
+
+    The two scale-free forms fire at the same iteration for ``r`` and ``c·r``: the ratio's level
+    depends on the image's content and size (README, "Default profile"), its relative change
+    less so. The second window holds n-1 values and leaves out ``v[i]`` (a quirk of the
+    reference, kept so that stop iterations are comparable).
     """
-    _check_window(window, eps)
+    _check_window(window, eps, scale)
     r = np.asarray(ratios, dtype=np.float64)
     n = window
     if len(r) <= 2 * n:
         return None
-    c = np.concatenate([[0.0], np.cumsum(r)])
+    with np.errstate(divide="ignore"):  # a ratio of 0 (a flat output) is log 0 = -inf
+        v = np.log(r) if scale == "log" else r
+    c = np.concatenate([[0.0], np.cumsum(v)])
     i = np.arange(2 * n + 1, len(r))
     m1 = (c[i - n] - c[i - 2 * n]) / n
     m2 = (c[i] - c[i - n + 1]) / (n - 1)
-    fired = np.flatnonzero(np.abs(m1 - m2) < eps)
+    d = np.abs(m1 - m2)
+    if scale == "relative":
+        d = d / np.abs(m2)
+    fired = np.flatnonzero(d < eps)
     return int(i[fired[0]]) if fired.size else None
 
 
@@ -116,10 +138,11 @@ def oracle_peak(psnr: np.ndarray) -> int | None:
     return int(np.nanargmax(p))
 
 
-def _patience_stop(variance: np.ndarray, patience: int) -> int | None:
-    """Index of the running minimum once it has not improved for ``patience`` measurements."""
+def patience_stop(values: np.ndarray, patience: int) -> int | None:
+    """Index of the running minimum of a curve (ES-WMV's variance, an MC-SURE curve) once it has
+    not improved for ``patience`` measurements; NaN values are skipped."""
     check_int("patience", patience, 1)
-    v = np.asarray(variance, dtype=np.float64)
+    v = np.asarray(values, dtype=np.float64)
     best, best_at = np.inf, -1
     for i, value in enumerate(v):
         if np.isnan(value):
@@ -138,17 +161,18 @@ def es_wmv(wmv: np.ndarray, patience: int = VARIANCE_PATIENCE) -> int | None:
     fewer than W outputs exist); the rule returns the index of the minimum once it has not
     improved for ``patience`` measurements.
     """
-    return _patience_stop(wmv, patience)
+    return patience_stop(wmv, patience)
 
 
 def es_emv(emv: np.ndarray, patience: int = VARIANCE_PATIENCE) -> int | None:
     """ES-EMV: as :func:`es_wmv` on the exponential moving variance (α = 0.1)."""
-    return _patience_stop(emv, patience)
+    return patience_stop(emv, patience)
 
 
 class OnlineRatioRule:
     """The ratio rule of K fits advancing in lockstep, evaluated on the device as their ratios
-    arrive, with no host synchronisation.
+    arrive, with no host synchronisation; ``window``, ``eps`` and ``scale`` as in
+    :func:`ratio_rule` (with ``scale="log"`` the buffer holds log r).
 
     The last ``2n + 1`` ratios of every member live in one ``(K, 2n + 1)`` ring buffer, so one
     update serves all members. :meth:`update` returns the members whose rule fires for the first
@@ -163,10 +187,12 @@ class OnlineRatioRule:
         window: int = RATIO_WINDOW,
         eps: float = RATIO_EPS,
         device: str | torch.device = "cpu",
+        scale: str = "absolute",
     ):
-        _check_window(window, eps)
+        _check_window(window, eps, scale)
         self.window = window
         self.eps = eps
+        self.scale = scale
         self.count = 0
         self.history = torch.zeros((members, 2 * window + 1), dtype=torch.float64, device=device)
         self.fired = torch.zeros(members, dtype=torch.bool, device=device)
@@ -176,14 +202,18 @@ class OnlineRatioRule:
         """Feed the members' ratios (K,) of measurement :attr:`count`; returns the (K,) mask of
         members whose rule fires for the first time now."""
         n, size, i = self.window, self.history.shape[1], self.count
-        self.history[:, i % size] = ratio.detach().to(torch.float64)
+        value = ratio.detach().to(torch.float64)
+        self.history[:, i % size] = value.log() if self.scale == "log" else value
         self.count += 1
         if i <= 2 * n:
             return torch.zeros_like(self.fired)
         device = self.history.device
         m1 = self.history[:, torch.arange(i - 2 * n, i - n, device=device) % size].mean(dim=1)
         m2 = self.history[:, torch.arange(i - n + 1, i, device=device) % size].mean(dim=1)
-        first = ((m1 - m2).abs() < self.eps) & ~self.fired
+        d = (m1 - m2).abs()
+        if self.scale == "relative":
+            d = d / m2.abs()
+        first = (d < self.eps) & ~self.fired
         self.fired_at = torch.where(first, torch.full_like(self.fired_at, i), self.fired_at)
         self.fired = self.fired | first
         return first

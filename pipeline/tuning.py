@@ -28,6 +28,7 @@ import json
 import math
 import time
 import uuid
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -77,11 +78,18 @@ class HoldoutDegradation(Degradation):
     with ``seed``; one draw is shared by all channels. The fit sees ``y·k`` with the mask
     ``k = m·(1 − h)`` (``m`` the task's own mask, ``h`` the held-out pixels), exactly as an
     inpainting problem, so its loss, observation PSNR and backtracking ignore ``h``.
-    :meth:`holdout_psnr` scores an output on ``h`` against the full observation.
+    :meth:`holdout_psnr` scores an output on ``h`` against the full observation. ``fold`` f
+    holds out the f-th block of ``round(fraction·n)`` pixels of one seeded permutation, so folds
+    0, 1, … of one seed are disjoint (k-fold cross-validation, k ≤ 1/fraction).
     """
 
     def __init__(
-        self, task: Degradation, observation: Tensor, fraction: float = 0.1, seed: int = 0
+        self,
+        task: Degradation,
+        observation: Tensor,
+        fraction: float = 0.1,
+        seed: int = 0,
+        fold: int = 0,
     ) -> None:
         if isinstance(fraction, bool) or not 0.0 < float(fraction) < 1.0:
             raise UserError(f"holdout fraction must be in (0, 1), got {fraction!r}")
@@ -99,8 +107,17 @@ class HoldoutDegradation(Degradation):
                 f"holdout fraction {fraction} of {candidates.numel()} observed pixels holds out "
                 f"{count}; choose one that holds out at least one pixel and keeps one"
             )
+        if isinstance(fold, bool) or not isinstance(fold, int) or fold < 0:
+            raise UserError(f"holdout fold must be a non-negative integer, got {fold!r}")
+        if (fold + 1) * count > candidates.numel():
+            raise UserError(
+                f"holdout fold {fold} of fraction {fraction} needs {(fold + 1) * count} of the "
+                f"{candidates.numel()} observed pixels; folds 0..{candidates.numel() // count - 1}"
+                " exist"
+            )
         generator = torch.Generator(device="cpu").manual_seed(seed)
-        chosen = candidates[torch.randperm(candidates.numel(), generator=generator)[:count]]
+        order = torch.randperm(candidates.numel(), generator=generator)
+        chosen = candidates[order[fold * count : (fold + 1) * count]]
         held = torch.zeros(height * width)
         held[chosen] = 1.0
         self.held = held.reshape(1, 1, height, width)
@@ -504,7 +521,10 @@ def run_trials(study: optuna.Study, objective: Objective, trials: int, batch: in
         size = min(first_round or batch, trials - done)
         first_round = 0
         fail_stale(study)  # trials of workers that died are FAIL, not RUNNING forever
-        asked = [study.ask() for _ in range(size)]
+        with warnings.catch_warnings():
+            # Optuna warns that heartbeats are meant for study.optimize; here heartbeat() runs them.
+            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
+            asked = [study.ask() for _ in range(size)]
         told: set[int] = set()
         try:
             with heartbeat(study, asked):

@@ -1,4 +1,4 @@
-"""Bad input (issue 11): each case gets one ``error:`` line naming the file or setting, a non-zero
+"""Bad input: each case gets one ``error:`` line naming the file or setting, a non-zero
 exit status and no partial output; images of any size are padded by reflection and cut back;
 images of every mode are read with a note saying what was converted. docs/bad_inputs.md lists the
 cases and what each gets."""

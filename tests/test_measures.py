@@ -132,6 +132,36 @@ def test_blur_matches_reference(image: np.ndarray) -> None:
     assert got.item() == pytest.approx(ref.blur(image), abs=ATOL)
 
 
+FIRST_DIFFERENCE_IMAGE = np.array(
+    [
+        [1, 2, 4, 7, 1],
+        [3, 3, 0, 2, 5],
+        [0, 6, 1, 1, 2],
+        [4, 4, 9, 3, 0],
+        [2, 8, 5, 6, 7],
+    ],
+    dtype=np.float64,
+)
+"""A 5×5 case for the blur's first differences, worked out by hand below."""
+
+
+def test_first_difference_hand_computed_5x5() -> None:
+    """|a[i] − a[i−1]| at kept rows and columns 1..3 (the 'same' convolution's index 0 holds a[0]
+    and is trimmed away): the difference of rows (columns) 0 and 1 is the first kept one."""
+    vertical = np.array([[1, 4, 5], [3, 1, 1], [2, 8, 2]], dtype=np.float64)
+    horizontal = np.array([[0, 3, 2], [6, 5, 0], [0, 5, 6]], dtype=np.float64)
+    image = torch.from_numpy(FIRST_DIFFERENCE_IMAGE)[None]
+    for axis, expected in ((0, vertical), (1, horizontal)):
+        np.testing.assert_array_equal(ref.first_difference(FIRST_DIFFERENCE_IMAGE, axis), expected)
+        got = measures.first_difference(image, axis + 1)
+        np.testing.assert_array_equal(got[0].numpy(), expected)
+
+
+def test_blur_smallest_image_matches_reference() -> None:
+    image = random_image(5, measures.BLUR_MIN_SIZE, measures.BLUR_MIN_SIZE + 3)
+    assert measures.blur(to_torch(image)).item() == pytest.approx(ref.blur(image), abs=ATOL)
+
+
 def test_sharpness_matches_reference(image: np.ndarray) -> None:
     got = measures.sharpness(to_torch(image))
     assert got.shape == (1,)
@@ -300,7 +330,7 @@ def test_measures_run_without_host_synchronisation() -> None:
         (lambda: measures.blur(torch.rand(1, 2, 20, 20)), "channels"),
         (lambda: measures.blur(torch.zeros(1, 3, 20, 20, dtype=torch.int64)), "floating"),
         (lambda: measures.blur(np.zeros((1, 3, 20, 20))), "torch.Tensor"),
-        (lambda: measures.blur(torch.rand(1, 3, 12, 40)), "too small"),
+        (lambda: measures.blur(torch.rand(1, 3, 11, 40)), "too small"),
         (lambda: measures.psnr(torch.rand(2, 3, 9, 9), torch.rand(3, 3, 9, 9)), "does not match"),
         (lambda: measures.psnr(torch.rand(1, 3, 9, 9), torch.rand(1, 1, 9, 9)), "does not match"),
         (lambda: measures.psnr(torch.rand(1, 3, 9, 9), torch.rand(1, 3, 9, 9), 0.0), "data_range"),

@@ -1,20 +1,35 @@
 """Stopping rules: ratio rule of Eq. 8 (with its window quirk), oracle, ES-WMV/EMV, online form."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
 from pipeline.errors import UserError
-from pipeline.stopping import OnlineRatioRule, es_emv, es_wmv, oracle_peak, ratio_rule
+from pipeline.stopping import (
+    RATIO_SCALES,
+    OnlineRatioRule,
+    StoppingConfig,
+    es_emv,
+    es_wmv,
+    oracle_peak,
+    ratio_rule,
+)
 
 
-def ratio_rule_loop(r: list[float], n: int, eps: float) -> int | None:
-    """Literal transcription of method.md §5: the first i > 2n with |m1 - m2| < eps."""
+def ratio_rule_loop(r: list[float], n: int, eps: float, scale: str = "absolute") -> int | None:
+    """Literal transcription of method.md §5: the first i > 2n with |m1 - m2| < eps; ``relative``
+    divides the difference by |m2|, ``log`` takes the window means of log r."""
     for i in range(len(r)):
         if i > 2 * n:
-            m1 = np.mean(r[i - 2 * n : i - n])
-            m2 = np.mean(r[i - n + 1 : i])
-            if abs(m1 - m2) < eps:
+            first, second = r[i - 2 * n : i - n], r[i - n + 1 : i]
+            if scale == "log":
+                first, second = [math.log(v) for v in first], [math.log(v) for v in second]
+            m1 = sum(first) / len(first)
+            m2 = sum(second) / len(second)
+            d = abs(m1 - m2) / abs(m2) if scale == "relative" else abs(m1 - m2)
+            if d < eps:
                 return i
     return None
 
@@ -34,6 +49,42 @@ def test_vectorised_rule_equals_literal_transcription():
         n = int(rng.integers(2, 12))
         eps = float(rng.uniform(0.001, 0.05))
         assert ratio_rule(r, n, eps) == ratio_rule_loop(list(r), n, eps)
+
+
+@pytest.mark.parametrize("scale", RATIO_SCALES)
+def test_every_scale_equals_literal_transcription(scale: str):
+    rng = np.random.default_rng(4)
+    fired = 0
+    for _ in range(30):
+        r = 2.0 + np.cumsum(rng.normal(0, 0.02, size=rng.integers(5, 90)))
+        n = int(rng.integers(2, 12))
+        eps = float(rng.uniform(0.0002, 0.005))
+        expected = ratio_rule_loop(list(r), n, eps, scale)
+        assert ratio_rule(r, n, eps, scale) == expected
+        fired += expected is not None
+    assert 5 < fired < 25  # both outcomes are exercised
+
+
+def test_scale_free_forms_hand_computed():
+    """Windows of n = 2 at i = 5: m1 = mean(r[1:3]), m2 = mean(r[4:5]) = r[4]."""
+    r = np.array([9.0, 4.0, 4.0, 7.0, 3.6, 1.0])
+    # absolute |4 - 3.6| = 0.4; relative 0.4 / 3.6 = 0.111; log |log 4 - log 3.6| = 0.10536
+    assert ratio_rule(r, 2, 0.41) == 5 and ratio_rule(r, 2, 0.39) is None
+    assert ratio_rule(r, 2, 0.112, "relative") == 5
+    assert ratio_rule(r, 2, 0.111, "relative") is None
+    assert ratio_rule(r, 2, 0.1054, "log") == 5 and ratio_rule(r, 2, 0.1053, "log") is None
+
+
+def test_scale_free_forms_ignore_the_ratios_level():
+    """A ratio settling at 2.4 (astronaut, coffee) and the same curve scaled to 5.7 (chelsea's
+    level): the absolute rule stops them at different iterations, the scale-free forms do not."""
+    t = np.arange(1500)
+    r = 2.4 + 3.0 * np.exp(-t / 200.0)
+    scaled = r * 5.7 / 2.4
+    assert ratio_rule(r, 150, 0.1) != ratio_rule(scaled, 150, 0.1)
+    for scale, eps in (("relative", 0.04), ("log", 0.04)):
+        stop = ratio_rule(r, 150, eps, scale)
+        assert stop is not None and stop == ratio_rule(scaled, 150, eps, scale)
 
 
 def test_never_fires_before_2n_plus_1():
@@ -56,6 +107,29 @@ def test_online_rule_matches_offline():
     assert [bool(f[0]) for f in firsts].index(True) == expected
     assert sum(bool(f[0]) for f in firsts) == 1  # "first" is true once; fired stays latched
     assert rule.fired.tolist() == [True, False, True]
+
+
+@pytest.mark.parametrize("scale", ["relative", "log"])
+def test_online_scale_free_rule_matches_offline(scale: str):
+    rng = np.random.default_rng(1)
+    curves = [2.0 + np.cumsum(rng.normal(0, 0.02, size=120)) for _ in range(3)]
+    curves.append(np.concatenate([np.linspace(6, 2, 50), 2 + rng.normal(0, 1e-3, 70)]))
+    curves.append(6.0 * np.exp(-np.arange(120) / 40))  # falls 15 % a window: never fires
+    rule = OnlineRatioRule(members=len(curves), window=6, eps=0.01, scale=scale)
+    for values in zip(*curves, strict=True):
+        rule.update(torch.tensor(values))
+    expected = [ratio_rule(r, 6, 0.01, scale) for r in curves]
+    assert any(e is None for e in expected) and any(e is not None for e in expected)
+    assert rule.fired_at.tolist() == [-1 if e is None else e for e in expected]
+
+
+def test_stopping_section_sets_the_scale():
+    flat = StoppingConfig.flatten({"ratio": {"window": 150, "eps": 0.04, "scale": "log"}})
+    assert flat == {"ratio_window": 150, "ratio_eps": 0.04, "ratio_scale": "log"}
+    assert StoppingConfig(**flat).ratio_scale == "log"
+    assert StoppingConfig().ratio_scale == "absolute"
+    with pytest.raises(UserError, match="scale must be one of"):
+        StoppingConfig(ratio_scale="logarithmic")
 
 
 def test_online_rule_state_round_trip():
@@ -90,7 +164,7 @@ def test_variance_rules_stop_at_the_minimum_after_patience():
     assert es_emv(v, patience=60) is None
 
 
-@pytest.mark.parametrize("kwargs", [{"window": 1}, {"eps": 0.0}])
+@pytest.mark.parametrize("kwargs", [{"window": 1}, {"eps": 0.0}, {"scale": "ln"}])
 def test_bad_settings_are_user_errors(kwargs):
     with pytest.raises(UserError):
         ratio_rule(np.zeros(10), **{"window": 5, "eps": 0.01, **kwargs})

@@ -81,6 +81,20 @@ def test_holdout_mask_is_seeded_exact_disjoint_and_left_out_of_the_loss():
     assert torch.equal(a.observation * a.held, torch.zeros_like(y))
 
 
+def test_holdout_folds_are_disjoint_blocks_of_one_permutation():
+    y = torch.rand(1, 1, 20, 15, generator=torch.Generator().manual_seed(1))
+    folds = [HoldoutDegradation(Denoising(), y, fraction=0.25, seed=3, fold=f) for f in range(4)]
+    assert torch.equal(folds[0].held, HoldoutDegradation(Denoising(), y, 0.25, seed=3).held)
+    order = torch.randperm(300, generator=torch.Generator().manual_seed(3))
+    for f, wrapped in enumerate(folds):
+        expected = torch.zeros(300)
+        expected[order[75 * f : 75 * (f + 1)]] = 1.0
+        assert torch.equal(wrapped.held.flatten(), expected)
+    assert torch.equal(sum(w.held for w in folds), torch.ones_like(y))
+    with pytest.raises(UserError, match=r"folds 0\.\.3 exist"):
+        HoldoutDegradation(Denoising(), y, fraction=0.25, seed=3, fold=4)
+
+
 def test_holdout_of_inpainting_draws_only_among_kept_pixels():
     x = torch.rand(1, 1, 41, 39, generator=torch.Generator().manual_seed(5))
     task = Inpainting(p=0.5, seed=2)

@@ -1,0 +1,178 @@
+"""Experiment "unseen", step 1: fit one validation image and record every curve the λ choice and
+the stopping rules are judged on (``analyze.py`` computes all scores from them offline).
+
+Protocol: the CPU profile's denoising (profiles/cpu.yaml: resize to 128, centre crop 64, σ = 25
+with noise seed 0, the ``gaussian`` method's fit settings: width 32, lr 0.004, 1,500 iterations,
+fit seed 0), every fit running its whole budget. Two parts, each one batched pass
+(``fit_batched``):
+
+- ``--part grid``: the Gaussian method at each λ of :data:`GRID` on y (oracle PSNR, ratio, loss,
+  FBC, …, and ⟨b, x_t⟩), the same λ on y + εb (ε = σ/2, Rademacher probe b, same seed: MC-SURE's
+  second fit), then one single fit of the ``dip`` method on y (the baseline's drop). Writes
+  ``curves/<image>.npz`` and ``curves/<image>.json`` (settings, σ estimate, wall time).
+- ``--part holdout``: the same λ with fold f ∈ {0, …, FOLDS−1} of a 10 % hold-out (disjoint
+  folds of one seeded permutation) left out of the loss; the held-out MSE of every iteration.
+  Writes ``curves/<image>.holdout.npz`` and ``.holdout.json``. (A separate part because it costs
+  1.5× the grid part, and the shared CPU did not leave time for it on every image.)
+
+    python experiments/unseen/collect.py moon --part grid [--out experiments/unseen/curves]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pipeline.batched import MemberView, fit_batched
+
+from pipeline.datasets import resolve_images
+from pipeline.fit import FitConfig, FitResult, fit
+from pipeline.lambda_choice import (
+    EPS_OVER_SIGMA,
+    ProjectionRecorder,
+    estimate_noise_sigma,
+    rademacher,
+)
+from pipeline.problem import Problem, simulate
+from pipeline.settings import fit_settings, load_yaml
+from pipeline.tuning import HoldoutDegradation
+
+ROOT = Path(__file__).resolve().parents[2]
+PROFILE = ROOT / "profiles" / "cpu.yaml"
+GRID = tuple(round(1.4 * 2 ** (k / 2), 3) for k in range(-4, 3))
+"""λ candidates: 0.35, 0.495, 0.7, 0.99, 1.4, 1.98, 2.8 (log-spaced by √2 around the profile's
+1.4; seven, not more, to fit the study into the shared CPU's hours)."""
+FOLDS = 3
+HOLDOUT = 0.1
+CURVES = ("psnr", "loss", "ratio", "wmv", "emv", "fbc_1", "fbc_2", "fbc_3", "fbc_4", "fbc_5")
+
+
+class HeldOutRecorder:
+    """Held-out MSE of every hold-out member at every iteration (``holdout_psnr`` as an MSE)."""
+
+    def __init__(self, holdouts: dict[int, HoldoutDegradation], iterations: int) -> None:
+        self.holdouts = holdouts
+        self.values = {member: np.full(iterations, np.nan) for member in holdouts}
+
+    def __call__(self, view: MemberView) -> None:
+        wrapped = self.holdouts.get(view.member)
+        if wrapped is not None:
+            psnr = wrapped.holdout_psnr(view.last_out)
+            self.values[view.member][view.iteration - 1] = 10 ** (-psnr / 10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("image")
+    parser.add_argument("--part", choices=("grid", "holdout"), required=True)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "curves")
+    parser.add_argument("--iterations", type=int, help="a shorter budget (smoke runs only)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    params = load_yaml(PROFILE)
+    data, observe = params["data"], params["tasks"]["denoising"]["observe"]
+    (source,) = resolve_images(data, "denoising", [args.image])
+    sigma_255 = observe["sigmas"][0]
+    problem = simulate(
+        "denoising",
+        source.path,
+        {"sigma": sigma_255, "seed": observe["seed"]},
+        short_side=data["resize"],
+        crop=data["crop"],
+    )
+    base = {**fit_settings(params, "denoising", "gaussian"), "log_every": 1, "device": "cpu"}
+    if args.iterations:
+        base["iterations"] = args.iterations
+    args.out.mkdir(parents=True, exist_ok=True)
+    collect = collect_grid if args.part == "grid" else collect_holdout
+    start = time.perf_counter()
+    arrays, meta = collect(problem, sigma_255 / 255, base, params)
+    suffix = "" if args.part == "grid" else ".holdout"
+    np.savez_compressed(args.out / f"{args.image}{suffix}.npz", lam=np.array(GRID), **arrays)
+    meta = {
+        "image": args.image,
+        "file": source.path.name,
+        "sha256": source.sha256,
+        "part": args.part,
+        "shape": list(problem.observation.shape),
+        "numel": problem.observation.numel(),
+        "sigma": sigma_255 / 255,
+        "grid": list(GRID),
+        "settings": base,
+        **meta,
+        "wall_s": round(time.perf_counter() - start, 1),
+    }
+    (args.out / f"{args.image}{suffix}.json").write_text(json.dumps(meta, indent=1) + "\n")
+    print(json.dumps({k: meta[k] for k in ("image", "part", "wall_s")}))
+
+
+def curve_rows(results: list[FitResult], name: str) -> np.ndarray:
+    return np.stack([result.curves[name] for result in results]).astype(np.float32)
+
+
+def collect_grid(
+    problem: Problem, sigma: float, base: dict[str, Any], params: dict[str, Any]
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    y, clean, task = problem.observation, problem.clean, problem.task
+    eps = EPS_OVER_SIGMA * sigma
+    probe = rademacher(tuple(y.shape))
+    observations = [y] * len(GRID) + [y + eps * probe] * len(GRID)
+    configs = [FitConfig.from_dict({**base, "lam": lam}) for lam in GRID + GRID]
+    projections = ProjectionRecorder(probe, len(configs), base["iterations"])
+    results = fit_batched(observations, task, configs, [projections], cleans=[clean] * len(configs))
+    dip_settings = {
+        **fit_settings(params, "denoising", "dip"),
+        "device": "cpu",
+        "iterations": base["iterations"],
+    }
+    dip = fit(y, task, FitConfig.from_dict(dip_settings), clean=clean)
+    grid = results[: len(GRID)]
+    arrays = {f"grid_{name}": curve_rows(grid, name) for name in CURVES}
+    arrays["grid_projection"] = projections.values[: len(GRID)].numpy()
+    arrays["sure_projection"] = projections.values[len(GRID) :].numpy()
+    arrays["sure_psnr"] = curve_rows(results[len(GRID) :], "psnr")
+    for name in ("psnr", "loss", "ratio", "wmv", "emv"):
+        arrays[f"dip_{name}"] = dip.curves[name].astype(np.float32)
+    meta = {
+        "eps": eps,
+        "sigma_estimated": estimate_noise_sigma(y),
+        "dip_settings": dip_settings,
+        "clean_std": float(clean.std()),
+        "noisy_psnr": float(-10 * math.log10(float((y - clean).square().mean()))),
+    }
+    return arrays, meta
+
+
+def collect_holdout(
+    problem: Problem, sigma: float, base: dict[str, Any], params: dict[str, Any]
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    y, task = problem.observation, problem.task
+    folds = [HoldoutDegradation(task, y, HOLDOUT, seed=0, fold=f) for f in range(FOLDS)]
+    members = [(wrapped, lam) for wrapped in folds for lam in GRID]
+    holdouts = {m: wrapped for m, (wrapped, _) in enumerate(members)}
+    held_out = HeldOutRecorder(holdouts, base["iterations"])
+    results = fit_batched(
+        [wrapped.observation for wrapped, _ in members],
+        [wrapped for wrapped, _ in members],
+        [FitConfig.from_dict({**base, "lam": lam}) for _, lam in members],
+        [held_out],
+        cleans=[problem.clean] * len(members),
+    )
+    shape = (FOLDS, len(GRID), base["iterations"])
+    arrays = {
+        "holdout_mse": np.stack([held_out.values[m] for m in range(len(members))]).reshape(shape),
+        "holdout_ratio": curve_rows(results, "ratio").reshape(shape),
+        "holdout_psnr": curve_rows(results, "psnr").reshape(shape),
+    }
+    meta = {"folds": FOLDS, "holdout": HOLDOUT, "holdout_pixels": int(folds[0].held.sum())}
+    return arrays, meta
+
+
+if __name__ == "__main__":
+    main()

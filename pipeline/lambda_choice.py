@@ -1,0 +1,228 @@
+"""Choosing λ per image without the clean image: Monte-Carlo SURE of the whole fit.
+
+The paper says λ "should be tuned for each input image" (docs/method.md §2); a user has no clean
+image to tune it with. For white Gaussian noise of known σ, Stein's unbiased risk estimate of an
+estimator ``f`` of ``x`` from ``y = x + n`` (N values) is
+
+    SURE(f) = ||y − f(y)||² / N − σ² + 2σ² · div f(y) / N,    E[SURE] = E[||f(y) − x||² / N],
+
+and the divergence is estimated with one random probe ``b`` (Ramani, Blu, Unser 2008, "Monte-Carlo
+SURE"; as in the DIP-SURE literature): ``div f(y) ≈ bᵀ(f(y + εb) − f(y)) / ε``.
+
+Here the network's input is fixed noise z, not y, so the estimator is the whole fit: ``f_t(y)``
+is the output after t iterations of fitting y. Its divergence comes from a second fit of
+``y + εb`` with the same seed, run in lockstep as a member of the same batched pass
+(:func:`pipeline.fit.fit_many`), read at the same iteration. float32 fits are chaotic
+(a one-ulp change grows about tenfold every few steps), so a small ε measures rounding, not the
+fit's response: ``bᵀ(f(y + εb) − f(y))`` has a floor of ≈ 3·10⁻⁴·N whatever ε; ε = σ/2 keeps that
+floor below the response (``experiments/unseen/README.md``, section 1). ``b`` is Rademacher
+(±1): the lowest-variance probe for the trace (Hutchinson).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pipeline.errors import UserError
+from pipeline.fit import Callback, FitConfig, MemberView, fit_many
+from pipeline.problem import Problem
+from pipeline.results import FitResult
+
+EPS_OVER_SIGMA = 0.5
+"""Probe step ε of the divergence estimate, relative to the noise level σ (module docstring)."""
+
+PROBE_SEED = 0
+"""Seed of the Rademacher probe b."""
+
+
+MAD_TO_SIGMA = 0.6745
+"""Median of |N(0, 1)|: a median absolute value over it estimates σ (Donoho & Johnstone 1994)."""
+
+
+def estimate_noise_sigma(y: Tensor) -> float:
+    """σ of white noise in an image ``y`` (1, C, H, W) from its finest diagonal Haar details.
+
+    Over the 2×2 blocks ``[[a, b], [c, d]]`` of every channel, ``(a − b − c + d)/2`` is the
+    noise's N(0, σ²) plus a little of the image's diagonal detail, so
+    ``σ̂ = median |(a − b − c + d)/2| / 0.6745`` (Donoho & Johnstone 1994's estimate on the
+    Haar wavelet's HH band). For a user's photo, whose σ is not given.
+    """
+    height, width = (y.shape[-2] // 2) * 2, (y.shape[-1] // 2) * 2
+    x = y[0, :, :height, :width].double()
+    detail = (x[:, 0::2, 0::2] - x[:, 0::2, 1::2] - x[:, 1::2, 0::2] + x[:, 1::2, 1::2]) / 2
+    return float(detail.abs().median()) / MAD_TO_SIGMA
+
+
+def rademacher(shape: tuple[int, ...], seed: int = PROBE_SEED) -> Tensor:
+    """A ±1 probe of ``shape`` (float32), drawn on the CPU from a generator seeded with ``seed``."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    bits = torch.randint(0, 2, shape, generator=generator)
+    return (2 * bits - 1).to(torch.float32)
+
+
+class ProjectionRecorder:
+    """A callback of :func:`pipeline.fit.fit_many` (run with ``log_every = 1`` and
+    ``measure_every = 1``) recording ``⟨b, x_t⟩`` of every member at every iteration t, on the
+    device (no host synchronisation): :attr:`values` is (members, iterations), NaN where a
+    member had ended."""
+
+    def __init__(self, probe: Tensor, members: int, iterations: int) -> None:
+        self.probe = probe
+        self.values = torch.full((members, iterations), float("nan"), dtype=torch.float64)
+
+    def __call__(self, view: MemberView) -> None:
+        out = view.last_out
+        if self.values.device != out.device:  # once: both live where the fit runs
+            self.probe, self.values = self.probe.to(out.device), self.values.to(out.device)
+        # At iteration count i the member's last output is that of measured iteration i − 1.
+        self.values[view.member, view.iteration - 1] = (self.probe * out).sum(dtype=torch.float64)
+
+
+def mc_sure(
+    loss: np.ndarray,
+    projection: np.ndarray,
+    perturbed_projection: np.ndarray,
+    sigma: float,
+    eps: float,
+    numel: int,
+) -> np.ndarray:
+    """SURE of the fit at every iteration (module docstring), in MSE units:
+    ``loss − σ² + 2σ²·(⟨b, f(y + εb)⟩ − ⟨b, f(y)⟩) / (ε·N)``, where ``loss = ||y − f(y)||²/N``
+    is the fit's own loss curve and the projections are :class:`ProjectionRecorder`'s."""
+    divergence = (np.asarray(perturbed_projection) - np.asarray(projection)) / eps
+    return np.asarray(loss, dtype=np.float64) - sigma**2 + 2 * sigma**2 * divergence / numel
+
+
+GRID = (0.35, 0.495, 0.7, 0.99, 1.4, 1.98, 2.8)
+"""Default λ candidates: log-spaced by √2 around the CPU profile's 1.4 (the grid of
+``experiments/unseen``)."""
+
+
+@dataclass
+class LambdaChoice:
+    """What :func:`choose_lambda` found: the chosen λ and every candidate's score.
+
+    ``sure[k]`` is candidate k's SURE (MSE units) at its stop, ``stops[k]`` that stop's iteration
+    (``None``: the rule did not fire and the budget's output is scored), ``results[k]`` its fit of
+    y: ``results[chosen]`` is the restoration at the chosen λ, no refit needed.
+    """
+
+    lam: float
+    chosen: int
+    candidates: tuple[float, ...]
+    sure: tuple[float, ...]
+    stops: tuple[int | None, ...]
+    sigma: float
+    eps: float
+    results: list[FitResult]
+
+    def scores(self) -> list[dict[str, Any]]:
+        """One row per candidate (for a table or ``summary.json``)."""
+        return [
+            {"lam": lam, "sure": sure, "sure_psnr": _as_psnr(sure), "stop_iteration": stop}
+            for lam, sure, stop in zip(self.candidates, self.sure, self.stops, strict=True)
+        ]
+
+
+def _as_psnr(mse: float) -> float | None:
+    """``10·log10(1/mse)``; ``None`` for a non-positive estimate (SURE can dip below 0)."""
+    return 10 * math.log10(1 / mse) if mse > 0 else None
+
+
+class _EndWithPartner:
+    """Ends candidate k (member k) once its ratio rule has fired, and its perturbed twin
+    (member K + k) at the same sync, so that both are recorded up to the candidate's stop."""
+
+    def __init__(self, candidates: int) -> None:
+        self.candidates = candidates
+        self.ended = [False] * candidates
+
+    def __call__(self, view: MemberView) -> bool:
+        if view.member < self.candidates:
+            self.ended[view.member] = view.stopped
+            return view.stopped
+        return self.ended[view.member - self.candidates]
+
+
+def choose_lambda(
+    problem: Problem,
+    settings: dict[str, Any],
+    candidates: Sequence[float] = GRID,
+    sigma: float | None = None,
+    halt_at_stop: bool = True,
+    probe_seed: int = PROBE_SEED,
+    callbacks: Sequence[Callback] = (),
+) -> LambdaChoice:
+    """Choose λ for a denoising ``problem`` by MC-SURE at each candidate's stop (module
+    docstring): argmin over ``candidates`` of ``SURE(f_s(y))``, ``s`` the candidate's ratio-rule
+    stop under ``settings``' stopping rule (the budget's last output where it does not fire).
+
+    One batched pass of 2K members: the K candidates on y and their twins on y + εb, ε =
+    :data:`EPS_OVER_SIGMA`·σ. ``settings`` are the flat fit settings of the tuned fit (e.g. the
+    profile's ``gaussian`` method); ``lam`` is replaced by each candidate, and measurements and
+    callbacks run every iteration. ``sigma`` is the noise level in [0, 1] units (σ/255); ``None``
+    estimates it from y (:func:`estimate_noise_sigma`). ``halt_at_stop`` ends each candidate
+    and its twin at the candidate's stop (False: every member runs the budget, e.g. to measure
+    the drop after the peak). With ``problem.clean`` the results carry PSNR curves.
+    ``callbacks`` are passed on to :func:`~pipeline.fit.fit_many` (every iteration, each
+    member: candidate k is member k, its twin member K + k), e.g. a progress bar.
+    """
+    if problem.task.name != "denoising":
+        raise UserError(
+            f"MC-SURE chooses λ for white-noise denoising only, not for {problem.task.name}"
+        )
+    if not candidates or any(lam <= 0 for lam in candidates):
+        raise UserError(f"λ candidates must be positive numbers, got {list(candidates)}")
+    y = problem.observation
+    sigma = estimate_noise_sigma(y) if sigma is None else float(sigma)
+    if not sigma > 0:
+        raise UserError(f"noise level sigma must be positive for MC-SURE, got {sigma}")
+    eps = EPS_OVER_SIGMA * sigma
+    probe = rademacher(tuple(y.shape), probe_seed)
+    count = len(candidates)
+    base = {**settings, "measure_every": 1, "log_every": 1, "halt_at_stop": False}
+    configs = [FitConfig.from_dict({**base, "lam": float(lam)}) for lam in (*candidates,) * 2]
+    recorder = ProjectionRecorder(probe, 2 * count, configs[0].iterations)
+    ending: list[Callback] = [_EndWithPartner(count)] if halt_at_stop else []
+    results = fit_many(
+        [y] * count + [y + eps * probe.to(y.dtype)] * count,
+        problem.task,
+        configs,
+        [recorder, *callbacks, *ending],
+        cleans=None if problem.clean is None else [problem.clean] * (2 * count),
+    )
+    projections = recorder.values.cpu().numpy()
+    sure, stops = [], []
+    for k in range(count):
+        result = results[k]
+        index = (
+            result.iterations_run - 1 if result.stop_iteration is None else result.stop_iteration
+        )
+        curve = mc_sure(
+            result.curves["loss"][index : index + 1],
+            projections[k, index : index + 1],
+            projections[count + k, index : index + 1],
+            sigma,
+            eps,
+            y.numel(),
+        )
+        sure.append(float(curve[0]))
+        stops.append(result.stop_iteration)
+    chosen = int(np.nanargmin(sure))
+    return LambdaChoice(
+        lam=float(candidates[chosen]),
+        chosen=chosen,
+        candidates=tuple(float(lam) for lam in candidates),
+        sure=tuple(sure),
+        stops=tuple(stops),
+        sigma=sigma,
+        eps=eps,
+        results=results[:count],
+    )
