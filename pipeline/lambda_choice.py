@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pipeline.degradations import Denoising
 from pipeline.errors import UserError
 from pipeline.fit import Callback, FitConfig, MemberView, fit_many
 from pipeline.problem import Problem
@@ -69,20 +70,31 @@ def rademacher(shape: tuple[int, ...], seed: int = PROBE_SEED) -> Tensor:
 
 class ProjectionRecorder:
     """A callback of :func:`pipeline.fit.fit_many` (run with ``log_every = 1`` and
-    ``measure_every = 1``) recording ``⟨b, x_t⟩`` of every member at every iteration t, on the
-    device (no host synchronisation): :attr:`values` is (members, iterations), NaN where a
-    member had ended."""
+    ``measure_every = 1``) recording, for every member at every iteration t and on the device
+    (no host synchronisation), ``⟨b, x_t⟩`` in :attr:`values` and the squared residual
+    ``‖m·(y − x_t)‖²`` on the scored pixels ``m`` in :attr:`residuals`, (members, iterations)
+    each, NaN where a member had ended. ``b`` is zero off ``m``."""
 
-    def __init__(self, probe: Tensor, members: int, iterations: int) -> None:
-        self.probe = probe
+    def __init__(
+        self, probe: Tensor, y: Tensor, scored: Tensor, members: int, iterations: int
+    ) -> None:
+        self.probe, self.y, self.scored = probe, y, scored
         self.values = torch.full((members, iterations), float("nan"), dtype=torch.float64)
+        self.residuals = torch.full_like(self.values, float("nan"))
 
     def __call__(self, view: MemberView) -> None:
         out = view.last_out
-        if self.values.device != out.device:  # once: both live where the fit runs
-            self.probe, self.values = self.probe.to(out.device), self.values.to(out.device)
+        if self.values.device != out.device:  # once: all live where the fit runs
+            device = out.device
+            self.probe, self.y, self.scored = (
+                t.to(device) for t in (self.probe, self.y, self.scored)
+            )
+            self.values, self.residuals = self.values.to(device), self.residuals.to(device)
         # At iteration count i the member's last output is that of measured iteration i − 1.
-        self.values[view.member, view.iteration - 1] = (self.probe * out).sum(dtype=torch.float64)
+        t = view.iteration - 1
+        self.values[view.member, t] = (self.probe * out).sum(dtype=torch.float64)
+        residual = self.scored * (self.y.double() - out.double())
+        self.residuals[view.member, t] = residual.square().sum()
 
 
 def mc_sure(
@@ -95,7 +107,8 @@ def mc_sure(
 ) -> np.ndarray:
     """SURE of the fit at every iteration (module docstring), in MSE units:
     ``loss − σ² + 2σ²·(⟨b, f(y + εb)⟩ − ⟨b, f(y)⟩) / (ε·N)``, where ``loss = ||y − f(y)||²/N``
-    is the fit's own loss curve and the projections are :class:`ProjectionRecorder`'s."""
+    over the N scored values (the fit's own loss curve when every pixel is scored) and the
+    projections are :class:`ProjectionRecorder`'s."""
     divergence = (np.asarray(perturbed_projection) - np.asarray(projection)) / eps
     return np.asarray(loss, dtype=np.float64) - sigma**2 + 2 * sigma**2 * divergence / numel
 
@@ -174,22 +187,24 @@ def choose_lambda(
     ``callbacks`` are passed on to :func:`~pipeline.fit.fit_many` (every iteration, each
     member: candidate k is member k, its twin member K + k), e.g. a progress bar.
     """
-    if problem.task.name != "denoising":
+    if not isinstance(problem.task, Denoising):
         raise UserError(
             f"MC-SURE chooses λ for white-noise denoising only, not for {problem.task.name}"
         )
     if not candidates or any(lam <= 0 for lam in candidates):
         raise UserError(f"λ candidates must be positive numbers, got {list(candidates)}")
     y = problem.observation
-    sigma = estimate_noise_sigma(y) if sigma is None else float(sigma)
+    # A padded photo is scored on the photo: its padding mirrors it, so its noise is not new.
+    scored = problem.observed_mask().expand_as(y)
+    sigma = estimate_noise_sigma(problem.observed_part()) if sigma is None else float(sigma)
     if not sigma > 0:
         raise UserError(f"noise level sigma must be positive for MC-SURE, got {sigma}")
     eps = EPS_OVER_SIGMA * sigma
-    probe = rademacher(tuple(y.shape), probe_seed)
+    probe = rademacher(tuple(y.shape), probe_seed) * scored
     count = len(candidates)
     base = {**settings, "measure_every": 1, "log_every": 1, "halt_at_stop": False}
     configs = [FitConfig.from_dict({**base, "lam": float(lam)}) for lam in (*candidates,) * 2]
-    recorder = ProjectionRecorder(probe, 2 * count, configs[0].iterations)
+    recorder = ProjectionRecorder(probe, y, scored, 2 * count, configs[0].iterations)
     ending: list[Callback] = [_EndWithPartner(count)] if halt_at_stop else []
     results = fit_many(
         [y] * count + [y + eps * probe.to(y.dtype)] * count,
@@ -197,8 +212,11 @@ def choose_lambda(
         configs,
         [recorder, *callbacks, *ending],
         cleans=None if problem.clean is None else [problem.clean] * (2 * count),
+        region=problem.region,
     )
     projections = recorder.values.cpu().numpy()
+    numel = int(scored.sum())
+    residuals = recorder.residuals.cpu().numpy() / numel
     sure, stops = [], []
     for k in range(count):
         result = results[k]
@@ -206,12 +224,12 @@ def choose_lambda(
             result.iterations_run - 1 if result.stop_iteration is None else result.stop_iteration
         )
         curve = mc_sure(
-            result.curves["loss"][index : index + 1],
+            residuals[k, index : index + 1],
             projections[k, index : index + 1],
             projections[count + k, index : index + 1],
             sigma,
             eps,
-            y.numel(),
+            numel,
         )
         sure.append(float(curve[0]))
         stops.append(result.stop_iteration)

@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -99,14 +100,25 @@ class Problem:
     def observed_part(self) -> Tensor:
         """The observation's pixels that cover the user's image: the region scaled to the
         observation's grid (super-resolution: ``factor`` times coarser), rounded outwards."""
+        rows, cols = self._observed_box()
+        return self.observation[..., rows, cols]
+
+    def observed_mask(self) -> Tensor:
+        """(1, 1, h, w) on the observation's grid: 1 on :meth:`observed_part`, 0 on padding."""
+        mask = torch.zeros_like(self.observation[:, :1])
+        rows, cols = self._observed_box()
+        mask[..., rows, cols] = 1.0
+        return mask
+
+    def _observed_box(self) -> tuple[slice, slice]:
         if self.region is None:
-            return self.observation
+            return slice(None), slice(None)
         out_h, out_w = self.task.output_shape(self.observation)
         obs_h, obs_w = self.observation.shape[-2:]
         top, left, height, width = self.region
-        rows = (top * obs_h // out_h, -(-(top + height) * obs_h // out_h))
-        cols = (left * obs_w // out_w, -(-(left + width) * obs_w // out_w))
-        return self.observation[..., rows[0] : rows[1], cols[0] : cols[1]]
+        rows = slice(top * obs_h // out_h, -(-(top + height) * obs_h // out_h))
+        cols = slice(left * obs_w // out_w, -(-(left + width) * obs_w // out_w))
+        return rows, cols
 
 
 def _task(

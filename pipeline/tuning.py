@@ -81,6 +81,11 @@ class HoldoutDegradation(Degradation):
     :meth:`holdout_psnr` scores an output on ``h`` against the full observation. ``fold`` f
     holds out the f-th block of ``round(fraction·n)`` pixels of one seeded permutation, so folds
     0, 1, … of one seed are disjoint (k-fold cross-validation, k ≤ 1/fraction).
+
+    ``observed`` (1, 1, h, w), when a photo was padded to the network's size
+    (:meth:`pipeline.problem.Problem.observed_mask`), is 1 on the photo: only its pixels may be
+    held out, and the padding is left out of the loss too, since it mirrors the photo and would
+    show the fit the held-out values.
     """
 
     def __init__(
@@ -90,6 +95,7 @@ class HoldoutDegradation(Degradation):
         fraction: float = 0.1,
         seed: int = 0,
         fold: int = 0,
+        observed: Tensor | None = None,
     ) -> None:
         if isinstance(fraction, bool) or not 0.0 < float(fraction) < 1.0:
             raise UserError(f"holdout fraction must be in (0, 1), got {fraction!r}")
@@ -100,6 +106,8 @@ class HoldoutDegradation(Degradation):
         height, width = self.y.shape[-2:]
         own = task.loss_mask(self.y)
         eligible = torch.ones(height * width) if own is None else own.reshape(-1).cpu()
+        if observed is not None:
+            eligible = eligible * observed.reshape(-1).cpu()
         candidates = torch.nonzero(eligible > 0.5).flatten()
         count = round(float(fraction) * candidates.numel())
         if not 1 <= count < candidates.numel():
@@ -302,7 +310,11 @@ class Objective:
         self.holdout: HoldoutDegradation | None = None
         if config.objective == "holdout":
             self.holdout = HoldoutDegradation(
-                problem.task, problem.observation, config.holdout, config.holdout_seed
+                problem.task,
+                problem.observation,
+                config.holdout,
+                config.holdout_seed,
+                observed=None if problem.region is None else problem.observed_mask(),
             )
         self.on_trial = on_trial
         self.checkpoint: Path | None = None
@@ -375,6 +387,7 @@ class Objective:
             [report],
             cleans=[self.problem.clean] * len(asked),
             checkpoint=checkpoint,
+            region=self.problem.region,
         )
         for member, trial in enumerate(asked):
             config, result = configs[member], results[member]

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
-from tqdm import tqdm
 
-from pipeline.checkpoint import Checkpoint
 from pipeline.errors import SettingError, located
-from pipeline.fit import FitConfig, MemberView, fit, resolve_device
+from pipeline.fit import FitConfig, resolve_device
+from pipeline.lambda_choice import choose_lambda
 from pipeline.model import output_grid
 from pipeline.problem import FitSize, Problem, load_problem
 from pipeline.results import FitResult, check_output_dir, write_result
@@ -26,36 +23,29 @@ from stages.options import (
     photo_options,
     task_params,
 )
+from stages.progress import run_fit
 
 
-def progress_callback(total: int) -> tuple[tqdm, Callable[[MemberView], None]]:
-    """A tqdm bar advanced at every sync of the fit (shown only on a terminal)."""
-    bar = tqdm(total=total, unit="it", disable=not sys.stderr.isatty(), leave=False)
-
-    def update(view: MemberView) -> None:
-        bar.update(view.iteration - bar.n)
-        values = view.curves_numpy()
-        if len(values["psnr_obs"]):
-            bar.set_postfix(psnr_obs=f"{values['psnr_obs'][-1]:.2f}")
-
-    return bar, update
-
-
-def run_fit(problem: Problem, config: FitConfig, checkpoint: Checkpoint | None = None) -> FitResult:
-    """Fit ``problem`` with a progress bar, after the process-wide settings of ``config``;
-    resumable from ``checkpoint``. PSNR against the clean image is read on the problem's region."""
+def tuned_fit(
+    problem: Problem, settings: dict[str, Any], config: FitConfig, degradation: dict[str, Any]
+) -> tuple[FitResult, dict[str, Any]]:
+    """The fit at λ chosen by MC-SURE (:func:`pipeline.lambda_choice.choose_lambda`), and the
+    choice as recorded in ``summary.json``. σ is the one given (``--sigma``), the simulation's,
+    or estimated from a photo."""
+    given = degradation.get("sigma")
+    if given is None and problem.clean is not None:
+        given = problem.task.params()["sigma"]
     configure(config.threads, config.precision, resolve_device(config.device))
-    bar, update = progress_callback(config.iterations)
-    with bar:
-        return fit(
-            problem.observation,
-            problem.task,
-            config,
-            [update],
-            problem.clean,
-            checkpoint,
-            problem.region,
+    choice = choose_lambda(problem, settings, sigma=None if given is None else given / 255)
+    for row in choice.scores():
+        stop = row["stop_iteration"]
+        click.echo(
+            f"λ = {row['lam']:g}: SURE {row['sure']:.3g} at "
+            + (f"its stop {stop}" if stop is not None else "the budget")
         )
+    click.echo(f"chose λ = {choice.lam:g} (σ = {255 * choice.sigma:.3g}/255)")
+    record = {"lam": choice.lam, "sigma": choice.sigma, "candidates": choice.scores()}
+    return choice.results[choice.chosen], record
 
 
 @click.command("fit", cls=TaskCommand)
@@ -72,6 +62,13 @@ def run_fit(problem: Problem, config: FitConfig, checkpoint: Checkpoint | None =
 )
 @fit_options
 @click.option("--halt-at-stop", is_flag=True, help="End the fit when the ratio rule fires.")
+@click.option(
+    "--tune",
+    "choose_lam",
+    is_flag=True,
+    help="Denoising: choose λ for this image without its clean image (MC-SURE of the whole fit "
+    "over λ = 0.35 … 2.8), then restore with it.",
+)
 def fit_command(
     task: str,
     image: Path,
@@ -81,15 +78,21 @@ def fit_command(
     channels: str | None,
     crop_image: bool,
     halt_at_stop: bool,
+    choose_lam: bool,
     **options: Any,
 ) -> None:
     """Fit the deep image prior to IMAGE for TASK and write the results to OUT_DIR.
 
     IMAGE may have any size of at least 32 px a side (an SR photo: 32/factor): it is padded by
     reflection to the network's sizes and the outputs are cut back to it (``--crop``: cropped).
+    With ``--tune`` λ is chosen per image (:func:`pipeline.lambda_choice.choose_lambda`) and the
+    fit at the chosen λ, which ends at its ratio-rule stop, is the result.
     """
     degradation = task_params(task, options)
-    settings = standalone_settings(task, {**fit_values(options), "halt_at_stop": halt_at_stop})
+    given = fit_values(options)
+    if choose_lam and "lam" in given:
+        raise click.UsageError("--tune chooses λ: leave out --lam")
+    settings = standalone_settings(task, {**given, "halt_at_stop": halt_at_stop})
     config = FitConfig.from_dict(settings)
     check_output_dir(out_dir)
     channel_count = None if channels is None else int(channels)
@@ -98,8 +101,11 @@ def fit_command(
         problem = load_problem(task, image, degradation, mask, channel_count, is_observed, size)
     except SettingError as err:
         raise located(err, degradation) from err
-    result = run_fit(problem, config)
-    extra = {"image": str(image), "task_params": degradation}
+    extra: dict[str, Any] = {"image": str(image), "task_params": degradation}
+    if choose_lam:
+        result, extra["lambda_choice"] = tuned_fit(problem, settings, config, degradation)
+    else:
+        result = run_fit(problem, config)
     summary = write_result(out_dir, problem, result, extra)
     stop = summary["stop_iteration"]
     line = f"{task} {image.name}: {result.iterations_run} iterations in {result.wall_time:.1f} s"

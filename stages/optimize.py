@@ -22,8 +22,8 @@ from pipeline.results import write_result
 from pipeline.runtime import handle_termination
 from pipeline.settings import checkpoint_every, fit_settings, load_params
 from pipeline.tracking import log_fits
-from stages.fit import run_fit
 from stages.options import key_values
+from stages.progress import run_fit
 
 
 @click.command("optimize")

@@ -854,8 +854,23 @@ def test_a_budget_too_large_for_memory_is_one_line(photo: Path, tmp_path: Path):
     assert not (tmp_path / "out").exists()
 
 
-def test_an_unforeseen_file_system_error_is_one_line(photo: Path):
-    # sdip tune writes its outputs after the study; /proc takes no folder
+def test_tune_refuses_an_unwritable_output_folder_before_the_study(photo: Path):
     args = ["--storage", "memory", "--no-track", "--trials", "1", "--iterations", "2"]
     result = invoke("tune", "denoising", photo, "--out", "/proc/tuned", "--width", "8", *args)
-    assert_one_error(result, "error: /proc/tuned: No such file or directory")
+    assert_one_error(
+        result, "error: cannot create output folder /proc/tuned: nothing can be written in /proc "
+    )
+    assert "trial" not in result.stdout
+
+
+def test_an_unforeseen_file_system_error_is_one_line(
+    photo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # a disk that fills during the study: the folder passed its check, the write still fails
+    def full_disk(*_: object, **__: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "tuned"))
+
+    monkeypatch.setattr("stages.tune.run_study", full_disk)
+    args = ["--storage", "memory", "--no-track", "--trials", "1", "--iterations", "2"]
+    result = invoke("tune", "denoising", photo, "--out", tmp_path / "tuned", "--width", "8", *args)
+    assert_one_error(result, f"error: {tmp_path / 'tuned'}: ", "No space left on device")

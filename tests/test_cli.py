@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from pipeline.lambda_choice import GRID
 from stages.cli import cli
 
 TINY = ["--iterations", "12", "--width", "8", "--device", "cpu"]
@@ -100,3 +101,30 @@ def test_user_mistakes_get_one_error_line(args, needle, rgb_png: Path, tmp_path:
     assert any(needle in line for line in lines), done.stderr
     assert len([line for line in lines if line.startswith(("error", "Error"))]) == 1
     assert not (tmp_path / "never").exists()
+
+
+def test_fit_tune_restores_a_photo_with_the_lambda_mc_sure_chooses(rgb_png: Path, tmp_path: Path):
+    out = tmp_path / "tuned"
+    result = invoke("fit", "denoising", rgb_png, "-o", out, "--observed", "--tune", *TINY)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    choice = summary["lambda_choice"]
+    candidates = choice["candidates"]
+    assert [row["lam"] for row in candidates] == list(GRID)
+    best = min(candidates, key=lambda row: row["sure"])
+    assert choice["lam"] == best["lam"] == summary["settings"]["lam"]
+    assert f"chose λ = {best['lam']:g}" in result.output
+    with Image.open(out / "restored_stop.png") as restored:
+        assert restored.size == (97, 70)  # the whole photo, padded for the fit and cut back
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [(["deblocking"], "denoising only"), (["denoising", "--lam", "1"], "leave out --lam")],
+)
+def test_fit_tune_refuses_other_tasks_and_a_given_lambda(rgb_png, tmp_path, args, needle):
+    task, *extra = args
+    result = invoke(
+        "fit", task, rgb_png, "-o", tmp_path / "x", "--observed", "--tune", *extra, *TINY
+    )
+    assert result.exit_code != 0 and needle in result.output

@@ -95,11 +95,15 @@ def test_projection_recorder_reads_every_members_output_at_every_iteration(
     def keep(view: MemberView) -> None:
         kept[view.member, view.iteration - 1] = view.last_out.double().numpy().copy()
 
-    recorder = ProjectionRecorder(probe, 2, 6)
+    scored = torch.zeros_like(y)
+    scored[..., 5:60, 3:50] = 1.0  # a padded photo's place: residuals on it only
+    recorder = ProjectionRecorder(probe, y, scored, 2, 6)
     results = fit_many([y, y], Denoising(sigma=25), configs, [recorder, keep])
-    b = probe.double().numpy()
+    b, m, yy = probe.double().numpy(), scored.double().numpy(), y.double().numpy()
     for (member, t), out in kept.items():
         assert recorder.values[member, t].item() == pytest.approx(np.sum(b * out), rel=1e-12)
+        residual = np.sum((m * (yy - out)) ** 2)
+        assert recorder.residuals[member, t].item() == pytest.approx(residual, rel=1e-9)
     for member, result in enumerate(results):
         final = np.sum(b * result.final.double().numpy())
         assert recorder.values[member, -1].item() == pytest.approx(final, rel=1e-12)

@@ -24,7 +24,7 @@ from pipeline.errors import UserError
 from pipeline.fit import FitConfig, fit
 from pipeline.layout import tuned_values_path
 from pipeline.observations import write_observation
-from pipeline.problem import simulate
+from pipeline.problem import Problem, simulate
 from pipeline.settings import fit_settings, load_yaml
 from pipeline.storage import resolve_storage
 from pipeline.tuning import (
@@ -103,6 +103,19 @@ def test_holdout_of_inpainting_draws_only_among_kept_pixels():
     assert torch.equal(wrapped.held * (1 - task.mask), torch.zeros_like(wrapped.held))
     assert int(wrapped.held.sum()) == round(0.2 * int(task.mask.sum()))
     assert torch.equal(wrapped.keep, task.mask * (1 - wrapped.held))
+
+
+def test_holdout_of_a_padded_photo_draws_and_fits_only_the_photo():
+    """Padding mirrors the photo: held-out pixels come from the photo, and the padding is out
+    of the loss (else the fit would see a held-out value at its mirror image)."""
+    y = torch.rand(1, 3, 32, 64, generator=torch.Generator().manual_seed(5))
+    problem = Problem(Denoising(), y, None, region=(3, 5, 20, 50))
+    observed = problem.observed_mask()
+    assert observed.sum() == 20 * 50 and observed[0, 0, 3:23, 5:55].min() == 1
+    wrapped = HoldoutDegradation(Denoising(), y, fraction=0.1, seed=0, observed=observed)
+    assert int(wrapped.held.sum()) == round(0.1 * 20 * 50)
+    assert torch.equal(wrapped.held * (1 - observed), torch.zeros_like(wrapped.held))
+    assert torch.equal(wrapped.keep, observed * (1 - wrapped.held))
 
 
 def test_holdout_psnr_matches_a_numpy_transcription():
