@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import PAPER_WIDTH, ROOT, fit_state, step_flops
+from pipeline.fit import FitConfig
 from pipeline.settings import fit_settings, load_yaml, task_variants
 
 SIZE = 512
@@ -24,26 +25,37 @@ def paper_workload(path: Path = ROOT / "profiles" / "paper.yaml") -> dict[str, A
     """Fits and iterations of the profile: every (task, variant, image, method), the λ and σ
     sweeps, and the tune stage's trials (an upper bound: trials end at their stop)."""
     params = load_yaml(path)
+
+    def iterations(task: str, method: str) -> int:
+        return FitConfig.from_dict(fit_settings(params, task, method)).iterations
+
     groups = []
     for task, spec in params["tasks"].items():
         fits = len(spec["images"]) * len(task_variants(params, task))
         for method in params["methods"]:
-            iterations = int(fit_settings(params, task, method)["iterations"])
-            groups.append({"what": f"{task}/{method}", "fits": fits, "iterations": iterations})
+            groups.append(
+                {"what": f"{task}/{method}", "fits": fits, "iterations": iterations(task, method)}
+            )
     sweeps = params.get("sweeps") or {}
     if sweeps:
         for key, method in (("lam", "lipschitz"), ("gauss_sigma", "gaussian")):
             own = sweeps.get("iterations")
-            iterations = int(own or fit_settings(params, sweeps["task"], method)["iterations"])
             groups.append(
-                {"what": f"sweep {key}", "fits": len(sweeps[key]), "iterations": iterations}
+                {
+                    "what": f"sweep {key}",
+                    "fits": len(sweeps[key]),
+                    "iterations": int(own or iterations(sweeps["task"], method)),
+                }
             )
     tune = params.get("tune") or {}
     if tune.get("images"):
         trials = int((tune.get("settings") or {}).get("trials", 20))
-        iterations = int(fit_settings(params, tune["task"], tune["method"])["iterations"])
         groups.append(
-            {"what": "tune", "fits": len(tune["images"]) * trials, "iterations": iterations}
+            {
+                "what": "tune",
+                "fits": len(tune["images"]) * trials,
+                "iterations": iterations(tune["task"], tune["method"]),
+            }
         )
     return {
         "groups": groups,

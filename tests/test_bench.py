@@ -8,8 +8,10 @@ import math
 from dataclasses import asdict, replace
 
 import pytest
+import yaml
 
 from bench.gpu import Case, Part, against_plain, default_parts, gpu_suite
+from bench.paper import paper_workload
 from bench.report import markdown_table
 from bench.scaling import exponent
 
@@ -81,3 +83,32 @@ def test_exponent_of_a_power_law():
 def test_markdown_table():
     table = markdown_table(["a", "b"], [["1", "2"], ["3", "4"]])
     assert table == "| a | b |\n|---|---|\n| 1 | 2 |\n| 3 | 4 |"
+
+
+def test_paper_workload_counts_every_fit_and_iteration_of_a_profile(cpu_profile, tmp_path):
+    profile = {**cpu_profile, "tune": {**cpu_profile["tune"], "images": ["astronaut"]}}
+    path = tmp_path / "profile.yaml"
+    path.write_text(yaml.safe_dump(profile, sort_keys=False))
+    work = paper_workload(path)
+    # Counted by hand from profiles/cpu.yaml: images × variants × 3 methods at each task's budget,
+    # 3 + 3 sweep fits of 1000, and 12 tune trials of denoising's 1500 iterations.
+    fits = {
+        "denoising": (2 * 1, 1500),
+        "deblocking": (1 * 3, 800),
+        "inpainting": (1 * 1, 1500),
+        "sr": (1 * 2, 500),
+        "enhancement": (1 * 1, 100),
+    }
+    expected = [
+        {"what": f"{task}/{method}", "fits": count, "iterations": iterations}
+        for task, (count, iterations) in fits.items()
+        for method in ("dip", "lipschitz", "gaussian")
+    ]
+    expected += [
+        {"what": "sweep lam", "fits": 3, "iterations": 1000},
+        {"what": "sweep gauss_sigma", "fits": 3, "iterations": 1000},
+        {"what": "tune", "fits": 12, "iterations": 1500},
+    ]
+    assert work["groups"] == expected
+    assert work["fits"] == 45
+    assert work["fit_iterations"] == 3 * (3000 + 2400 + 1500 + 1000 + 100) + 6000 + 18000
