@@ -24,7 +24,7 @@ this is faster than bilinear interpolation on maps of 16×16 and more (0.2–0.8
 on the smallest maps (1.1–3× on 2×2 to 8×8, under 0.2 ms), so a decoder step with Gaussian
 upsampling costs no more than with bilinear. The separable and polyphase forms tried (two 1-D
 transposed convolutions; the four output phases as a 3×3 convolution + pixel shuffle; 1-D phase
-filters by slicing) were slower at every size. ``bench/layers_speed.py`` measures all of this.
+filters by slicing) were slower at every size. ``bench/upsamplers.py`` measures all of this.
 """
 
 import math

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +13,10 @@ from skimage import data
 from pipeline.settings import load_yaml
 from tests.services import mlflow_server, postgres, slurm  # noqa: F401  (session servers)
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]
+
+# The tests run dvc many times; its usage reports would each leave a file in /tmp.
+os.environ["DVC_NO_ANALYTICS"] = "1"
 
 # Tiny fits gain nothing from a second thread and slow down badly when the cores are shared.
 torch.set_num_threads(1)
