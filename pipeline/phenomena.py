@@ -83,8 +83,17 @@ def phenomena(
     return result
 
 
+def _shown(value: object) -> str:
+    """A measured value as read in a report: dB to 2 decimals, per method as ``name value``."""
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    if isinstance(value, dict):
+        return ", ".join(f"{name} {_shown(item)}" for name, item in value.items())
+    return str(value)
+
+
 def phenomena_markdown(found: dict[str, Any]) -> str:
-    """The verdicts as a checklist, then the measured values."""
+    """The verdicts as a checklist, then the measured values (phenomena.json has them unrounded)."""
     checks = [f"- [{'x' if ok else ' '}] {name}" for name, ok in found["checks"].items()]
-    values = [f"- {name}: {value}" for name, value in found.items() if name != "checks"]
+    values = [f"- {name}: {_shown(value)}" for name, value in found.items() if name != "checks"]
     return "\n".join(checks) + "\n\n" + "\n".join(values) + "\n"

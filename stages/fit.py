@@ -84,9 +84,9 @@ def fit_command(
     """Fit the deep image prior to IMAGE for TASK and write the results to OUT_DIR.
 
     IMAGE may have any size of at least 32 px a side (an SR photo: 32/factor): it is padded by
-    reflection to the network's sizes and the outputs are cut back to it (``--crop``: cropped).
-    With ``--tune`` λ is chosen per image (:func:`pipeline.lambda_choice.choose_lambda`) and the
-    fit at the chosen λ, which ends at its ratio-rule stop, is the result.
+    reflection to the network's sizes and the outputs are cut back to it (--crop: cropped). With
+    --tune, λ is chosen for this image by MC-SURE (pipeline/lambda_choice.py) and the fit at the
+    chosen λ, which ends at its ratio-rule stop, is the result.
     """
     degradation = task_params(task, options)
     given = fit_values(options)

@@ -123,11 +123,11 @@ def test_all_hold_and_the_measured_values(check):
         "\n"
         "- task: denoising\n"
         "- controlled: gaussian\n"
-        f"- drop_db_by_method: {found['drop_db_by_method']}\n"
-        f"- baseline_drop_db: {found['baseline_drop_db']}\n"
-        f"- controlled_drop_db: {found['controlled_drop_db']}\n"
+        "- drop_db_by_method: dip 2.75, gaussian 0.15\n"
+        "- baseline_drop_db: 2.75\n"
+        "- controlled_drop_db: 0.15\n"
         "- ratio_stops_before_budget: 2/2\n"
-        f"- ratio_stop_gap_db: {found['ratio_stop_gap_db']}\n"
+        "- ratio_stop_gap_db: 0.50\n"
         "- fbc_low_band_first: 2/2\n"
     )
 
