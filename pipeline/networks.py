@@ -83,7 +83,15 @@ def perturbed(z: Tensor, scale: float, generator: torch.Generator) -> Tensor:
     return z + scale * torch.randn(z.shape, generator=generator, device=z.device)
 
 
-class SingleNetwork:
+class Network:
+    """What both strategies keep: the engine's network settings and the device."""
+
+    def __init__(self, settings: NetworkSettings, device: torch.device) -> None:
+        self.settings = settings
+        self.device = device
+
+
+class SingleNetwork(Network):
     """One fit's decoder as a plain module (K = 1)."""
 
     def __init__(
@@ -93,8 +101,7 @@ class SingleNetwork:
         shape: tuple[int, int, int],
         device: torch.device,
     ) -> None:
-        self.settings = settings
-        self.device = device
+        super().__init__(settings, device)
         self.model, self.z, self.noise = init_member(config, shape, device)
         if settings.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -146,7 +153,7 @@ class _ControlledLayer:
     rtol: float
 
 
-class StackedNetwork:
+class StackedNetwork(Network):
     """K decoders stacked along a leading member dimension under one vmap (module docstring).
 
     ``channels_last`` has no effect (vmap lays the members out as channel groups); vmap ignores
@@ -160,8 +167,7 @@ class StackedNetwork:
         shape: tuple[int, int, int],
         device: torch.device,
     ) -> None:
-        self.settings = settings
-        self.device = device
+        super().__init__(settings, device)
         built = [init_member(config, shape, device) for config in configs]
         models = [model for model, _, _ in built]
         with torch.device("meta"):

@@ -29,6 +29,7 @@ from pipeline.tuning import (
     run_trials,
     study_report,
 )
+from tests.test_tuning import HOPELESS_PRUNING
 
 IMAGE_ATOL = 1e-4
 CURVE_RTOL = 1e-4
@@ -260,15 +261,7 @@ def test_batched_trials_complete_and_record_their_scores(denoising_problem):
 
 
 def test_batched_trials_are_pruned_one_by_one(denoising_problem):
-    config = TuneConfig.from_dict(
-        {
-            "objective": "oracle",
-            "ranges": {"lam": [0.01, 3.0]},
-            "prune_startup": 1,
-            "prune_warmup": 20,
-            "baseline": False,
-        }
-    )
+    config = TuneConfig.from_dict(HOPELESS_PRUNING)
     objective = Objective(denoising_problem, TUNE_FIT, config)
     study = tune_study(config)
     for lam in (1.4, 0.02, 0.02, 1.4):  # λ ≈ 0 flattens the output: hopeless

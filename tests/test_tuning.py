@@ -42,6 +42,22 @@ from stages.cli import cli
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"iterations": 40, "width": 8, "lr": 0.01, "lam": 1.4, "device": "cpu", "log_every": 10}
 TINY_OPTIONS = ["--iterations", "40", "--width", "8", "--lr", "0.01", "--log-every", "10"]
+HOPELESS_PRUNING = {
+    "objective": "oracle",
+    "ranges": {"lam": [0.01, 3.0]},
+    "prune_startup": 1,
+    "prune_warmup": 20,
+    "baseline": False,
+}
+"""A study whose pruner may end a trial from iteration 20, once one trial has finished."""
+
+
+def tune_args(image: Path, storage: str, out: Path) -> list[str]:
+    """``sdip tune`` of two tiny trials of ``image`` in ``storage``, untracked, written to out."""
+    return [
+        *("tune", "denoising", str(image), "--trials", "2", "--storage", storage),
+        *("--no-track", "--out", str(out), *TINY_OPTIONS),
+    ]
 
 
 @pytest.fixture(autouse=True)
@@ -179,15 +195,7 @@ def test_in_memory_study_end_to_end(image_file):
 def test_pruning_really_prunes_hopeless_trials(image_file):
     problem = simulate("denoising", image_file, {"sigma": 25, "seed": 0})
     settings = {**TINY, "iterations": 60}
-    config = TuneConfig.from_dict(
-        {
-            "objective": "oracle",
-            "ranges": {"lam": [0.01, 3.0]},
-            "prune_startup": 1,
-            "prune_warmup": 20,
-            "baseline": False,
-        }
-    )
+    config = TuneConfig.from_dict(HOPELESS_PRUNING)
     objective = Objective(problem, settings, config)
     study = study_of(config, settings)
     for lam in (1.4, 0.02, 0.03):  # λ ≈ 0 flattens the output: hopeless
@@ -256,26 +264,9 @@ def test_two_worker_processes_share_a_journal_study_without_losing_trials(image_
     workers = [
         subprocess.Popen(
             [
-                sys.executable,
-                "-c",
-                "from stages.cli import main; main()",
-                "tune",
-                "denoising",
-                str(image_file),
-                "--trials",
-                "2",
-                "--storage",
-                f"journal:{journal}",
-                "--study-name",
-                "shared",
-                "--sampler-seed",
-                str(seed),
-                "--no-track",
-                "--out",
-                str(tmp_path / f"out{seed}"),
-                *TINY_OPTIONS,
-                "--iterations",
-                "20",
+                *(sys.executable, "-c", "from stages.cli import main; main()"),
+                *tune_args(image_file, f"journal:{journal}", tmp_path / f"out{seed}"),
+                *("--study-name", "shared", "--sampler-seed", str(seed), "--iterations", "20"),
             ],
             cwd=ROOT,
             env=env,
@@ -296,19 +287,7 @@ def test_two_worker_processes_share_a_journal_study_without_losing_trials(image_
 
 def test_resumed_study_continues_its_trial_count_and_refuses_other_settings(image_file, tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    args = [
-        "tune",
-        "denoising",
-        str(image_file),
-        "--trials",
-        "2",
-        "--storage",
-        storage,
-        "--no-track",
-        "--out",
-        str(tmp_path / "out"),
-        *TINY_OPTIONS,
-    ]
+    args = tune_args(image_file, storage, tmp_path / "out")
     runner = CliRunner()
     first = runner.invoke(cli, args)
     assert first.exit_code == 0, first.output
