@@ -12,6 +12,7 @@ import yaml
 
 from bench.gpu import Case, Part, against_plain, default_parts, gpu_suite
 from bench.paper import paper_workload
+from bench.precision import TARGETS_DB, precision_check
 from bench.report import markdown_table
 from bench.scaling import exponent
 
@@ -71,6 +72,22 @@ def test_fit_rows_are_held_against_the_plain_compiled_row_of_their_precision():
     assert "vs_plain_compiled" not in rows[replace(fit, members=4).name]
     assert target["best"] == replace(fit, compile=True).name
     assert target["ratio"] == pytest.approx(1.15) and target["met"] is True
+
+
+def test_precision_check_runs_on_cpu_where_tf32_is_the_fp32_fit():
+    result = precision_check(size=64, iterations=6, device="cpu")
+    rows = result["rows"]
+    assert list(rows) == ["fp32", "tf32", "bf16"]
+    # No TF32 tensor cores on a CPU: the same float32 fit, bit for bit.
+    assert rows["tf32"]["peak_psnr"] == rows["fp32"]["peak_psnr"]
+    assert rows["tf32"]["minus_fp32_db"] == 0.0 and rows["tf32"]["met"] is True
+    for row in rows.values():
+        assert len(set(row["peak_psnr"])) == 3 and row["wall_s"] > 0  # three seeds, three fits
+        assert row["mean_peak_psnr"] == pytest.approx(sum(row["peak_psnr"]) / 3)
+    gap = rows["bf16"]["mean_peak_psnr"] - rows["fp32"]["mean_peak_psnr"]
+    assert rows["bf16"]["minus_fp32_db"] == pytest.approx(gap)
+    assert rows["bf16"]["met"] == (abs(gap) <= TARGETS_DB["bf16"])
+    assert "met" not in rows["fp32"]
 
 
 def test_exponent_of_a_power_law():
