@@ -1,12 +1,14 @@
 """This checkout's fit engine against another revision's, side by side in one run.
 
 Each revision runs in its own worker process (``PYTHONPATH`` = its checkout) that builds the same
-fits (bench/common.py's problems: denoising σ = 25 on seeded random images, λ = 1.4 for one fit
-and 1.0 + 0.1 k for member k of a batch, measures every iteration) and times ``steps`` calls of
-``step()`` when asked. The parent asks the two workers in turns, every case in a seeded shuffled
-order each round, so load from elsewhere hits both alike. The result is each case's median step
-and the ratio this / other. Revisions before the one-engine redesign (b5f53ba) build K > 1 with
-``pipeline.batched.BatchedFitState``; later ones with ``FitState`` of K members::
+fits: denoising σ = 25 on seeded random images, λ = 1.4 for one fit and 1.0 + 0.1 k for member k of
+a batch, measures every iteration. The worker's code is a copy of bench/common.py's problem and
+fit_state, kept in step with them by hand, since older revisions have no bench/common.py. It times
+``steps`` calls of ``step()`` when asked. The parent asks the two workers in turns, every case in a
+seeded shuffled order each round, so load from elsewhere hits both alike. The result is each case's
+median step and the ratio this / other. Revisions up to b5f53ba (before the one-engine redesign)
+build a batch with ``pipeline.batched.BatchedFitState``, later ones with ``FitState`` of K
+members::
 
     git worktree add /tmp/base b5f53ba
     python -m bench.against_revision /tmp/base [--rounds 15] [--threads 2] [--out PATH]
@@ -123,13 +125,15 @@ def compare(other: Path, rounds: int, steps: int, threads: int) -> dict[str, Any
     """Median step per case and revision, and this / other."""
     here = Path(__file__).resolve().parents[1]
     capacity = 2 + rounds * steps
-    workers = {"this": Worker(here, threads, capacity), "other": Worker(other, threads, capacity)}
+    workers: dict[str, Worker] = {}
     times: dict[tuple[str, str], list[float]] = {
-        (revision, case): [] for revision in workers for case in CASES
+        (revision, case): [] for revision in ("this", "other") for case in CASES
     }
     order = random.Random(0)
     pairs = list(times)
     try:
+        workers["this"] = Worker(here, threads, capacity)
+        workers["other"] = Worker(other, threads, capacity)
         for _ in range(rounds):
             for revision, case in order.sample(pairs, len(pairs)):
                 times[revision, case] += workers[revision].times(case, steps)
@@ -155,7 +159,9 @@ def compare(other: Path, rounds: int, steps: int, threads: int) -> dict[str, Any
 
 def _commit(checkout: Path) -> str:
     done = subprocess.run(
-        ["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ["git", "-C", str(checkout), "describe", "--always", "--dirty"],
+        capture_output=True,
+        text=True,
     )
     return done.stdout.strip()
 

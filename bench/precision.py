@@ -1,12 +1,12 @@
 """Does a lower precision change what a fit restores? (issue 9, item 1)
 
 Denoising (σ = 25) of scikit-image's astronaut at ``size``² (512² is the whole image, nothing to
-carry to a GPU machine), the paper's full method (width 128, λ = 1.4, Gaussian upsampling, lr
-0.001, backtracking), ``iterations`` per fit, seeds 0, 1, 2 as three members of one engine pass,
-once per precision (fp32, tf32, bf16). Per precision: each seed's peak PSNR (the oracle peak of
-its curve), their mean, the mean's difference from fp32's, and the pass's wall time. The issue's
-targets: tf32 within 0.1 dB of fp32, bf16 within 0.3 dB. On a CPU tf32 is fp32 (no tensor cores),
-so only bf16 can differ there::
+carry to a GPU machine), the fit the issue times (width 128, λ = 1.4, Gaussian upsampling; lr 0.001
+and backtracking, the code's defaults), ``iterations`` per fit, seeds 0, 1, 2 as three members of
+one engine pass, once per precision (fp32, tf32, bf16). Per precision: each seed's peak PSNR (the
+oracle peak of its curve), their mean, the mean's difference from fp32's, and the pass's wall time.
+The issue's targets: tf32 within 0.1 dB of fp32, bf16 within 0.3 dB. On a CPU tf32 is fp32 (no
+tensor cores), so only bf16 can differ there::
 
     python -m bench.precision [--size 512] [--iterations 2000] [--device cuda] [--out PATH]
 """

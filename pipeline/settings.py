@@ -45,11 +45,31 @@ TUNED_VALUE = "tuned"
 """A setting whose value is ``tuned`` takes the image's tuned value (``sdip tune``)."""
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: PyYAML would keep the
+    last one silently, and DVC's reader (ruamel) refuses the file."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key {key!r} given twice (first at line {seen[key]})",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a YAML mapping; a missing, unreadable or malformed file is a :class:`UserError`."""
+    """Read a YAML mapping; a missing, unreadable or malformed file (a key given twice too) is a
+    :class:`UserError`."""
     try:
         with open(path, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle)
+            data = yaml.load(handle, Loader=_UniqueKeyLoader)
     except FileNotFoundError as err:
         raise UserError(f"settings file not found: {path}") from err
     except OSError as err:

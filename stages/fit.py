@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from pipeline.degradations import Denoising
 from pipeline.errors import SettingError, located
 from pipeline.fit import FitConfig, resolve_device
 from pipeline.lambda_choice import choose_lambda
@@ -14,7 +15,7 @@ from pipeline.model import output_grid
 from pipeline.problem import FitSize, Problem, load_problem
 from pipeline.results import FitResult, check_output_dir, write_result
 from pipeline.runtime import configure
-from pipeline.settings import standalone_settings
+from pipeline.settings import standalone_settings, task_class
 from stages.options import (
     TaskCommand,
     TaskName,
@@ -23,28 +24,43 @@ from stages.options import (
     photo_options,
     task_params,
 )
-from stages.progress import run_fit
+from stages.progress import progress_callback, run_fit
 
 
 def tuned_fit(
     problem: Problem, settings: dict[str, Any], config: FitConfig, degradation: dict[str, Any]
 ) -> tuple[FitResult, dict[str, Any]]:
     """The fit at λ chosen by MC-SURE (:func:`pipeline.lambda_choice.choose_lambda`), and the
-    choice as recorded in ``summary.json``. σ is the one given (``--sigma``), the simulation's,
-    or estimated from a photo."""
+    choice as recorded in ``summary.json`` (σ on the 0–255 scale, as ``--sigma``). σ is the one
+    given (``--sigma``), the simulation's, or estimated from a photo. The candidates measure
+    every iteration and each ends at its ratio-rule stop."""
     given = degradation.get("sigma")
     if given is None and problem.clean is not None:
         given = problem.task.params()["sigma"]
     configure(config.threads, config.precision, resolve_device(config.device))
-    choice = choose_lambda(problem, settings, sigma=None if given is None else given / 255)
+    bar, _ = progress_callback(config.iterations)
+    with bar:
+        choice = choose_lambda(
+            problem,
+            settings,
+            sigma=None if given is None else given / 255,
+            callbacks=[lambda view: bar.update(view.iteration - bar.n)],
+        )
     for row in choice.scores():
         stop = row["stop_iteration"]
         click.echo(
             f"λ = {row['lam']:g}: SURE {row['sure']:.3g} at "
             + (f"its stop {stop}" if stop is not None else "the budget")
         )
-    click.echo(f"chose λ = {choice.lam:g} (σ = {255 * choice.sigma:.3g}/255)")
-    record = {"lam": choice.lam, "sigma": choice.sigma, "candidates": choice.scores()}
+    sigma = 255 * choice.sigma
+    click.echo(f"chose λ = {choice.lam:g} (σ = {sigma:.3g}/255)")
+    record = {
+        "lam": choice.lam,
+        "sigma": sigma,
+        "sigma_given": given is not None,
+        "ended_at_stop": True,
+        "candidates": choice.scores(),
+    }
     return choice.results[choice.chosen], record
 
 
@@ -90,8 +106,14 @@ def fit_command(
     """
     degradation = task_params(task, options)
     given = fit_values(options)
-    if choose_lam and "lam" in given:
-        raise click.UsageError("--tune chooses λ: leave out --lam")
+    if choose_lam:
+        if not issubclass(task_class(task), Denoising):
+            raise click.UsageError("--tune chooses λ by MC-SURE, for denoising only")
+        if given.keys() & {"lam", "measure_every", "log_every"}:
+            raise click.UsageError(
+                "--tune chooses λ and measures every iteration: leave out --lam, "
+                "--measure-every and --log-every"
+            )
     settings = standalone_settings(task, {**given, "halt_at_stop": halt_at_stop})
     config = FitConfig.from_dict(settings)
     check_output_dir(out_dir)

@@ -379,6 +379,10 @@ def test_a_bad_params_yaml_value_stops_a_stage_with_one_line(cpu_profile, tmp_pa
         (b"- a list\n- of things\n", "must hold a mapping, not list"),
         (b"", "must hold a mapping, not NoneType"),
         (b"\xff\xfe\x00garbage", "is not UTF-8 text"),
+        (
+            b"fit: {lr: 0.1}\nfit: {lr: 0.2}\n",
+            "line 2, column 1: key 'fit' given twice (first at line 1)",
+        ),
     ],
 )
 def test_a_corrupt_params_yaml_is_one_line(tmp_path: Path, content: bytes, needle: str):

@@ -113,6 +113,7 @@ def test_fit_tune_restores_a_photo_with_the_lambda_mc_sure_chooses(rgb_png: Path
     assert [row["lam"] for row in candidates] == list(GRID)
     best = min(candidates, key=lambda row: row["sure"])
     assert choice["lam"] == best["lam"] == summary["settings"]["lam"]
+    assert choice["sigma_given"] is False and 5 < choice["sigma"] < 100  # estimated, 0–255 scale
     assert f"chose λ = {best['lam']:g}" in result.output
     with Image.open(out / "restored_stop.png") as restored:
         assert restored.size == (97, 70)  # the whole photo, padded for the fit and cut back
@@ -120,11 +121,15 @@ def test_fit_tune_restores_a_photo_with_the_lambda_mc_sure_chooses(rgb_png: Path
 
 @pytest.mark.parametrize(
     ("args", "needle"),
-    [(["deblocking"], "denoising only"), (["denoising", "--lam", "1"], "leave out --lam")],
+    [
+        (["deblocking", "--observed"], "denoising only"),
+        (["inpainting"], "denoising only"),  # a simulation: refused before any image is read
+        (["denoising", "--observed", "--lam", "1"], "leave out --lam"),
+        (["denoising", "--observed", "--measure-every", "5"], "--measure-every"),
+    ],
 )
 def test_fit_tune_refuses_other_tasks_and_a_given_lambda(rgb_png, tmp_path, args, needle):
     task, *extra = args
-    result = invoke(
-        "fit", task, rgb_png, "-o", tmp_path / "x", "--observed", "--tune", *extra, *TINY
-    )
-    assert result.exit_code != 0 and needle in result.output
+    result = invoke("fit", task, rgb_png, "-o", tmp_path / "x", "--tune", *extra, *TINY)
+    assert result.exit_code == 2 and needle in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "x").exists()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from dvc.utils.serialize import parse_yaml
 
 from pipeline.errors import UserError
 from pipeline.settings import fit_settings, load_yaml
@@ -17,6 +18,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_params_yaml_is_the_cpu_profile():
     assert load_yaml(ROOT / "params.yaml") == load_yaml(ROOT / "profiles" / "cpu.yaml")
+
+
+@pytest.mark.parametrize("name", ["cpu", "paper"])
+def test_dvc_reads_each_profile_as_we_do(name: str):
+    # DVC parses params.yaml with ruamel, which refuses what PyYAML would accept (a key twice).
+    path = ROOT / "profiles" / f"{name}.yaml"
+    assert parse_yaml(path.read_text(), str(path)) == load_yaml(path)
 
 
 def test_profile_switch_rewrites_params(tmp_path: Path, monkeypatch):
