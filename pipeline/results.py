@@ -92,6 +92,20 @@ class FitResult:
         }
 
 
+def summary_line(summary: dict[str, Any]) -> str:
+    """A finished fit in one line, as the commands print it: iterations, time, the ratio rule's
+    stop, and PSNR at the stop, the budget and the peak when a clean image was known."""
+    stop = summary["stop_iteration"]
+    line = f"{summary['iterations_run']} iterations in {summary['wall_time_s']:.1f} s"
+    line += f", ratio rule stop at {stop}" if stop is not None else ", ratio rule did not fire"
+    if summary["psnr_final"] is not None:
+        line += (
+            f"; PSNR stop {summary['psnr_stop']:.2f} dB, final {summary['psnr_final']:.2f} dB, "
+            f"peak {summary['psnr_best']:.2f} dB at {summary['best_iteration']}"
+        )
+    return line
+
+
 def write_json(path: str | os.PathLike[str], data: Any) -> None:
     """Atomically write ``data`` as indented JSON."""
     write_bytes_atomic(Path(path), (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())

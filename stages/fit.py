@@ -13,7 +13,7 @@ from pipeline.fit import FitConfig, resolve_device
 from pipeline.lambda_choice import choose_lambda
 from pipeline.model import output_grid
 from pipeline.problem import FitSize, Problem, load_problem
-from pipeline.results import FitResult, check_output_dir, write_result
+from pipeline.results import FitResult, check_output_dir, summary_line, write_result
 from pipeline.runtime import configure
 from pipeline.settings import standalone_settings, task_class
 from stages.options import (
@@ -129,13 +129,5 @@ def fit_command(
     else:
         result = run_fit(problem, config)
     summary = write_result(out_dir, problem, result, extra)
-    stop = summary["stop_iteration"]
-    line = f"{task} {image.name}: {result.iterations_run} iterations in {result.wall_time:.1f} s"
-    line += f", ratio rule stop at {stop}" if stop is not None else ", ratio rule did not fire"
-    if summary["psnr_final"] is not None:
-        line += (
-            f"; PSNR stop {summary['psnr_stop']:.2f} dB, final {summary['psnr_final']:.2f} dB, "
-            f"peak {summary['psnr_best']:.2f} dB at {summary['best_iteration']}"
-        )
-    click.echo(line)
+    click.echo(f"{task} {image.name}: {summary_line(summary)}")
     click.echo(f"wrote {out_dir}")

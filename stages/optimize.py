@@ -18,7 +18,7 @@ from pipeline.checkpoint import checkpoint_for
 from pipeline.fit import FitConfig
 from pipeline.layout import checkpoint_path, run_dir
 from pipeline.observations import read_prepared
-from pipeline.results import write_result
+from pipeline.results import summary_line, write_result
 from pipeline.runtime import handle_termination
 from pipeline.settings import checkpoint_every, fit_settings, load_params
 from pipeline.tracking import log_fits
@@ -64,9 +64,4 @@ def optimize_command(
         log_fits(
             task, f"optimize {task}/{variant}/{image}/{method}", {**tags, "image": image}, [out]
         )
-    click.echo(
-        f"{task}/{variant}/{image}/{method}: {result.iterations_run} it, "
-        f"{result.wall_time:.1f} s, stop {summary['stop_iteration']}, "
-        f"PSNR stop {summary['psnr_stop']}, final {summary['psnr_final']}, "
-        f"best {summary['psnr_best']}"
-    )
+    click.echo(f"{task}/{variant}/{image}/{method}: {summary_line(summary)}")

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from pipeline.lambda_choice import GRID
+from pipeline.results import summary_line
 from stages.cli import cli
 
 TINY = ["--iterations", "12", "--width", "8", "--device", "cpu"]
@@ -133,3 +134,21 @@ def test_fit_tune_refuses_other_tasks_and_a_given_lambda(rgb_png, tmp_path, args
     result = invoke("fit", task, rgb_png, "-o", tmp_path / "x", "--tune", *extra, *TINY)
     assert result.exit_code == 2 and needle in result.output
     assert "Traceback" not in result.output and not (tmp_path / "x").exists()
+
+
+def test_the_line_printed_after_a_fit_reads_its_summary():
+    summary = {
+        "iterations_run": 1500,
+        "wall_time_s": 61.234,
+        "stop_iteration": 928,
+        "psnr_stop": 25.56,
+        "psnr_final": 26.4,
+        "psnr_best": 26.431,
+        "best_iteration": 1400,
+    }
+    assert summary_line(summary) == (
+        "1500 iterations in 61.2 s, ratio rule stop at 928; "
+        "PSNR stop 25.56 dB, final 26.40 dB, peak 26.43 dB at 1400"
+    )
+    photo = {**summary, "stop_iteration": None, "psnr_final": None}
+    assert summary_line(photo) == "1500 iterations in 61.2 s, ratio rule did not fire"
