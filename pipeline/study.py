@@ -40,6 +40,7 @@ SCORE_COLUMNS = (
     "value",
     "psnr_stop",
     "holdout_psnr_stop",
+    "holdout_psnr_fold_std",
     "stop_iteration",
     "iterations_run",
     "pruned_at",
@@ -81,6 +82,15 @@ def write_outputs(
     return report
 
 
+def holdout_draw(config: TuneConfig) -> list[float | int] | None:
+    """The held-out pixels a study's scores rest on: fraction and seed, and the folds when more
+    than one (so studies made before folds existed still resume)."""
+    if config.objective != "holdout":
+        return None
+    draw: list[float | int] = [config.holdout, config.holdout_seed]
+    return [*draw, config.folds] if config.folds > 1 else draw
+
+
 def study_fingerprint(
     problem: Problem, config: TuneConfig, settings: dict[str, Any], where: dict[str, str]
 ) -> dict[str, Any]:
@@ -93,7 +103,7 @@ def study_fingerprint(
         "observation_sha256": hashlib.sha256(observation).hexdigest(),
         "objective": config.objective,
         "search": {n: list(config.ranges[n]) for n in config.search},
-        "holdout": [config.holdout, config.holdout_seed] if config.objective == "holdout" else None,
+        "holdout": holdout_draw(config),
         "fit": {k: v for k, v in settings.items() if k != "device"},
     }
 

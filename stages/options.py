@@ -144,6 +144,7 @@ TUNE_OPTIONS: list[tuple[str, Any, str]] = [
     ("search", str, "Settings to search, comma-separated: lam, lr, gauss_sigma."),
     ("holdout", float, "Fraction of observed pixels held out (0.1)."),
     ("holdout_seed", int, "Seed of the held-out pixels (0)."),
+    ("folds", int, "Disjoint hold-outs fitted and averaged per trial (1)."),
     ("sampler_seed", int, "TPE seed (0); give each worker its own."),
     ("startup_trials", int, "Random trials before TPE (5)."),
     ("prune_startup", int, "Trials finished before pruning starts (4)."),
