@@ -341,12 +341,11 @@ class Objective:
         self.checkpoint_every = CHECKPOINT_EVERY
 
     @property
-    def folds(self) -> int:
-        """Members per trial: one per hold-out fold, or one fit of the whole observation."""
-        return max(1, len(self.holdouts))
-
-    def member_task(self, fold: int) -> Degradation:
-        return self.holdouts[fold] if self.holdouts else self.problem.task
+    def fits(self) -> list[tuple[Degradation, Tensor]]:
+        """What each member of a trial fits: one hold-out fold each, or the whole observation."""
+        if self.holdouts:
+            return [(holdout, holdout.observation) for holdout in self.holdouts]
+        return [(self.problem.task, self.problem.observation)]
 
     def baseline(self) -> dict[str, float] | None:
         """The fixed settings' values of the searched settings, if all lie in their ranges."""
@@ -366,7 +365,7 @@ class Objective:
     def current(self, view: MemberView) -> float:
         """The objective at the last measured iteration of one member, for pruning."""
         if self.holdouts:
-            return self.holdouts[view.member % self.folds].holdout_psnr(view.last_out)
+            return self.holdouts[view.member % len(self.holdouts)].holdout_psnr(view.last_out)
         return float(view.curves["psnr"][view.measured - 1])
 
     def run_round(self, asked: list[optuna.Trial], study: optuna.Study, told: set[int]) -> None:
@@ -377,17 +376,15 @@ class Objective:
         0 (Optuna takes one intermediate value per trial and step)."""
         values = [suggest(trial, self.config) for trial in asked]
         depth = self.base.model.depth
-        folds = self.folds
+        fits = self.fits
+        folds = len(fits)
         configs = [
             FitConfig.from_dict({**self.settings, **as_fit_settings(v, depth)})
             for v in values
-            for _ in range(folds)
+            for _ in fits
         ]
-        tasks = [self.member_task(fold) for _ in asked for fold in range(folds)]
-        observations = [
-            task.observation if isinstance(task, HoldoutDegradation) else self.problem.observation
-            for task in tasks
-        ]
+        tasks = [task for _ in asked for task, _ in fits]
+        observations = [observation for _ in asked for _, observation in fits]
         checkpoint = None
         if self.checkpoint is not None:
             meta = {
