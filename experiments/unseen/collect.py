@@ -3,8 +3,8 @@ the stopping rules are judged on (``analyze.py`` computes all scores from them o
 
 Protocol: the CPU profile's denoising (profiles/cpu.yaml: resize to 128, centre crop 64, σ = 25
 with noise seed 0, the ``gaussian`` method's fit settings: width 32, lr 0.004, 1,500 iterations,
-fit seed 0), every fit running its whole budget. Two parts, each one batched pass
-(``fit_batched``):
+fit seed 0), every fit running its whole budget. Two parts, each one pass of the engine
+(``fit_many``):
 
 - ``--part grid``: the Gaussian method at each λ of :data:`GRID` on y (oracle PSNR, ratio, loss,
   FBC, …, and ⟨b, x_t⟩), the same λ on y + εb (ε = σ/2, Rademacher probe b, same seed: MC-SURE's
@@ -29,10 +29,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from pipeline.batched import MemberView, fit_batched
 
 from pipeline.datasets import resolve_images
-from pipeline.fit import FitConfig, FitResult, fit
+from pipeline.fit import FitConfig, MemberView, fit, fit_many
 from pipeline.lambda_choice import (
     EPS_OVER_SIGMA,
     ProjectionRecorder,
@@ -40,6 +39,7 @@ from pipeline.lambda_choice import (
     rademacher,
 )
 from pipeline.problem import Problem, simulate
+from pipeline.results import FitResult
 from pipeline.settings import fit_settings, load_yaml
 from pipeline.tuning import HoldoutDegradation
 
@@ -73,10 +73,18 @@ def main() -> None:
     parser.add_argument("--part", choices=("grid", "holdout"), required=True)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "curves")
     parser.add_argument("--iterations", type=int, help="a shorter budget (smoke runs only)")
+    parser.add_argument(
+        "--data-root",
+        type=Path,
+        help="take IMAGE from the paper's denoising set under this folder (the manifest's "
+        "'paper' part), not from the bundled images",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     params = load_yaml(PROFILE)
     data, observe = params["data"], params["tasks"]["denoising"]["observe"]
+    if args.data_root is not None:
+        data = {**data, "source": "folder", "root": str(args.data_root)}
     (source,) = resolve_images(data, "denoising", [args.image])
     sigma_255 = observe["sigmas"][0]
     problem = simulate(
@@ -86,7 +94,12 @@ def main() -> None:
         short_side=data["resize"],
         crop=data["crop"],
     )
-    base = {**fit_settings(params, "denoising", "gaussian"), "log_every": 1, "device": "cpu"}
+    base = {
+        **fit_settings(params, "denoising", "gaussian"),
+        "log_every": 1,
+        "measure_every": 1,
+        "device": "cpu",
+    }
     if args.iterations:
         base["iterations"] = args.iterations
     args.out.mkdir(parents=True, exist_ok=True)
@@ -124,12 +137,13 @@ def collect_grid(
     probe = rademacher(tuple(y.shape))
     observations = [y] * len(GRID) + [y + eps * probe] * len(GRID)
     configs = [FitConfig.from_dict({**base, "lam": lam}) for lam in GRID + GRID]
-    projections = ProjectionRecorder(probe, len(configs), base["iterations"])
-    results = fit_batched(observations, task, configs, [projections], cleans=[clean] * len(configs))
+    projections = ProjectionRecorder(probe, y, torch.ones_like(y), len(configs), base["iterations"])
+    results = fit_many(observations, task, configs, [projections], cleans=[clean] * len(configs))
     dip_settings = {
         **fit_settings(params, "denoising", "dip"),
         "device": "cpu",
         "iterations": base["iterations"],
+        "measure_every": 1,
     }
     dip = fit(y, task, FitConfig.from_dict(dip_settings), clean=clean)
     grid = results[: len(GRID)]
@@ -157,7 +171,7 @@ def collect_holdout(
     members = [(wrapped, lam) for wrapped in folds for lam in GRID]
     holdouts = {m: wrapped for m, (wrapped, _) in enumerate(members)}
     held_out = HeldOutRecorder(holdouts, base["iterations"])
-    results = fit_batched(
+    results = fit_many(
         [wrapped.observation for wrapped, _ in members],
         [wrapped for wrapped, _ in members],
         [FitConfig.from_dict({**base, "lam": lam}) for _, lam in members],

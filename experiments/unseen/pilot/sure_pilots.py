@@ -19,10 +19,9 @@ import time
 
 import numpy as np
 import torch
-from pipeline.batched import fit_batched
 
 from pipeline.datasets import bundled_folder
-from pipeline.fit import FitConfig
+from pipeline.fit import FitConfig, fit_many
 from pipeline.problem import simulate
 from pipeline.settings import fit_settings, load_yaml
 
@@ -30,14 +29,14 @@ from pipeline.settings import fit_settings, load_yaml
 def chaos(settings, problem, y) -> None:
     b = torch.randn(y.shape, generator=torch.Generator().manual_seed(123))
     eps = [0, 0, 1e-4, 3e-3, 1e-2, 3e-2]
-    configs = [FitConfig.from_dict({**settings, "log_every": 1}) for _ in eps]
+    configs = [FitConfig.from_dict({**settings, "log_every": 1, "measure_every": 1}) for _ in eps]
     projections: dict[int, list[float]] = {i: [] for i in range(len(eps))}
 
     def record(view) -> None:
         projections[view.member].append(float((b * view.last_out).sum()))
 
     start = time.perf_counter()
-    results = fit_batched(
+    results = fit_many(
         [y + e * b for e in eps], problem.task, configs, [record], cleans=[problem.clean] * len(eps)
     )
     print("time", time.perf_counter() - start)
@@ -71,7 +70,8 @@ def epsilon(settings, problem, y) -> None:
     perturbations = [(0, b), (0.01, b), (0.03, b), (0.05, b), (-0.03, b), (0.03, b2)]
     members = [(lam, e, probe) for lam in (0.7, 1.4) for e, probe in perturbations]
     configs = [
-        FitConfig.from_dict({**settings, "log_every": 1, "lam": lam}) for lam, _, _ in members
+        FitConfig.from_dict({**settings, "log_every": 1, "measure_every": 1, "lam": lam})
+        for lam, _, _ in members
     ]
     proj: dict[int, list[float]] = {i: [] for i in range(len(members))}
     proj2: dict[int, list[float]] = {i: [] for i in range(len(members))}
@@ -81,7 +81,7 @@ def epsilon(settings, problem, y) -> None:
         proj2[view.member].append(float((b2 * view.last_out).sum()))
 
     start = time.perf_counter()
-    results = fit_batched(
+    results = fit_many(
         [y + e * probe for _, e, probe in members],
         problem.task,
         configs,
