@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -35,6 +35,13 @@ from pipeline.errors import UserError
 from pipeline.fit import Callback, FitConfig, MemberView, fit_many
 from pipeline.problem import Problem
 from pipeline.results import FitResult
+from pipeline.stopping import (
+    SURE_DELTA,
+    SURE_WINDOW,
+    SureStop,
+    sure_window_rule,
+    trailing_means,
+)
 
 EPS_OVER_SIGMA = 0.5
 """Probe step ε of the divergence estimate, relative to the noise level σ (module docstring)."""
@@ -118,13 +125,20 @@ GRID = (0.35, 0.495, 0.7, 0.99, 1.4, 1.98, 2.8)
 ``experiments/unseen``)."""
 
 
+STOPS = ("sure", "ratio")
+"""Stops :func:`choose_lambda` can score the candidates at: the SURE window rule
+(:func:`pipeline.stopping.sure_window_rule`) or the fit settings' ratio rule."""
+
+
 @dataclass
 class LambdaChoice:
     """What :func:`choose_lambda` found: the chosen λ and every candidate's score.
 
-    ``sure[k]`` is candidate k's SURE (MSE units) at its stop, ``stops[k]`` that stop's iteration
-    (``None``: the rule did not fire and the budget's output is scored), ``results[k]`` its fit of
-    y: ``results[chosen]`` is the restoration at the chosen λ, no refit needed.
+    ``sure[k]`` is candidate k's SURE (MSE units) at its stop (under the SURE window rule, the
+    window mean there), ``stops[k]`` the iteration of the output it keeps (``None``: the rule did
+    not fire and the budget's output is scored), ``ended[k]`` the iterations it ran,
+    ``results[k]`` its fit of y: ``results[chosen]`` is the restoration at the chosen λ, no
+    refit needed. ``stop`` names the rule (:data:`STOPS`).
     """
 
     lam: float
@@ -132,15 +146,25 @@ class LambdaChoice:
     candidates: tuple[float, ...]
     sure: tuple[float, ...]
     stops: tuple[int | None, ...]
+    ended: tuple[int, ...]
     sigma: float
     eps: float
+    stop: str
     results: list[FitResult]
 
     def scores(self) -> list[dict[str, Any]]:
         """One row per candidate (for a table or ``summary.json``)."""
         return [
-            {"lam": lam, "sure": sure, "sure_psnr": _as_psnr(sure), "stop_iteration": stop}
-            for lam, sure, stop in zip(self.candidates, self.sure, self.stops, strict=True)
+            {
+                "lam": lam,
+                "sure": sure,
+                "sure_psnr": _as_psnr(sure),
+                "stop_iteration": stop,
+                "iterations_run": ended,
+            }
+            for lam, sure, stop, ended in zip(
+                self.candidates, self.sure, self.stops, self.ended, strict=True
+            )
         ]
 
 
@@ -164,6 +188,86 @@ class _EndWithPartner:
         return self.ended[view.member - self.candidates]
 
 
+class _SureWindow:
+    """The SURE window rule of every candidate, run as the pass goes (a callback after the
+    :class:`ProjectionRecorder`, every iteration).
+
+    Candidate k (member k) is seen before its twin (member K + k) at each sync, so at the twin's
+    turn both projections of iteration t are recorded: SURE(t) of the pair is computed (one
+    host read of three values), the candidate's output of t is kept while its window mean is the
+    least so far, and once the rule fires the twin ends at once and the candidate at its next
+    sync (``end``; otherwise both run the budget and only the stop is recorded).
+    """
+
+    def __init__(
+        self,
+        recorder: ProjectionRecorder,
+        candidates: int,
+        sigma: float,
+        eps: float,
+        end: bool,
+        window: int,
+        delta: float,
+    ) -> None:
+        self.recorder, self.count, self.end = recorder, candidates, end
+        self.sigma, self.eps, self.window, self.delta = sigma, eps, window, delta
+        self.numel = int(recorder.scored.sum())
+        self.sure: list[list[float]] = [[] for _ in range(candidates)]
+        self.least = [math.inf] * candidates
+        self.output: list[Tensor | None] = [None] * candidates
+        self.kept: list[Tensor | None] = [None] * candidates
+        self.fired: list[SureStop | None] = [None] * candidates
+
+    def __call__(self, view: MemberView) -> bool:
+        k = view.member % self.count
+        if self.fired[k] is not None:
+            return self.end
+        if view.member < self.count:
+            self.output[k] = view.last_out.clone()
+            return False
+        t = view.iteration - 1
+        rec = self.recorder
+        values = torch.stack([rec.residuals[k, t], rec.values[k, t], rec.values[view.member, t]])
+        residual, projection, twin = values.cpu().tolist()
+        sure = self.sure[k]
+        sure.extend(
+            mc_sure(
+                [residual / self.numel], [projection], [twin], self.sigma, self.eps, self.numel
+            ).tolist()
+        )
+        history = np.array(sure)
+        mean = trailing_means(history, self.window)[-1]
+        if mean < self.least[k]:
+            self.least[k], self.kept[k] = mean, self.output[k]
+        self.fired[k] = sure_window_rule(history, self.sigma**2, self.window, self.delta)
+        return self.end and self.fired[k] is not None
+
+    def apply(self, results: list[FitResult], task: Denoising, y: Tensor) -> list[float]:
+        """Set each candidate's stop in ``results`` (its output, iteration and rule) to this
+        rule's; returns each candidate's score: its window mean of SURE there (where the rule
+        did not fire, the mean of the last w values, or of all when the budget is shorter)."""
+        scores = []
+        for k in range(self.count):
+            stop, result = self.fired[k], results[k]
+            sure = np.array(self.sure[k])
+            if stop is None:
+                results[k] = replace(
+                    result, at_stop=result.final, stop_iteration=None, stop_rule="sure"
+                )
+                scores.append(float(sure[-self.window :].mean()))
+                continue
+            kept = self.kept[k]
+            assert kept is not None  # the rule fires only after a window mean was seen
+            results[k] = replace(
+                result,
+                at_stop=task.restore(kept, y).clamp(0, 1).cpu(),
+                stop_iteration=stop.best,
+                stop_rule="sure",
+            )
+            scores.append(float(trailing_means(sure, self.window)[stop.best]))
+        return scores
+
+
 def choose_lambda(
     problem: Problem,
     settings: dict[str, Any],
@@ -172,10 +276,19 @@ def choose_lambda(
     halt_at_stop: bool = True,
     probe_seed: int = PROBE_SEED,
     callbacks: Sequence[Callback] = (),
+    stop: str = "sure",
+    window: int = SURE_WINDOW,
+    delta: float = SURE_DELTA,
 ) -> LambdaChoice:
     """Choose λ for a denoising ``problem`` by MC-SURE at each candidate's stop (module
-    docstring): argmin over ``candidates`` of ``SURE(f_s(y))``, ``s`` the candidate's ratio-rule
-    stop under ``settings``' stopping rule (the budget's last output where it does not fire).
+    docstring): argmin over ``candidates`` of the SURE of the output each keeps at its stop.
+
+    ``stop`` is the rule each candidate stops by (:data:`STOPS`): ``"sure"``, the SURE window
+    rule (:func:`pipeline.stopping.sure_window_rule`, scored by its window mean of SURE where
+    it keeps its output), or ``"ratio"``, ``settings``' ratio rule (scored by SURE at the
+    stop); where the rule does not fire, the budget's last output is scored. The chosen fit's
+    result carries that stop (``at_stop``, ``stop_iteration``, ``stop_rule``). ``window`` and
+    ``delta`` are the SURE window rule's w and δ.
 
     One batched pass of 2K members: the K candidates on y and their twins on y + εb, ε =
     :data:`EPS_OVER_SIGMA`·σ. ``settings`` are the flat fit settings of the tuned fit (e.g. the
@@ -193,6 +306,8 @@ def choose_lambda(
         )
     if not candidates or any(lam <= 0 for lam in candidates):
         raise UserError(f"λ candidates must be positive numbers, got {list(candidates)}")
+    if stop not in STOPS:
+        raise UserError(f"the λ choice's stop must be one of {', '.join(STOPS)}, got {stop!r}")
     y = problem.observation
     # A padded photo is scored on the photo: its padding mirrors it, so its noise is not new.
     scored = problem.observed_mask().expand_as(y)
@@ -205,7 +320,11 @@ def choose_lambda(
     base = {**settings, "measure_every": 1, "log_every": 1, "halt_at_stop": False}
     configs = [FitConfig.from_dict({**base, "lam": float(lam)}) for lam in (*candidates,) * 2]
     recorder = ProjectionRecorder(probe, y, scored, 2 * count, configs[0].iterations)
-    ending: list[Callback] = [_EndWithPartner(count)] if halt_at_stop else []
+    sure_rule = _SureWindow(recorder, count, sigma, eps, halt_at_stop, window, delta)
+    if stop == "sure":
+        ending: list[Callback] = [sure_rule]
+    else:
+        ending = [_EndWithPartner(count)] if halt_at_stop else []
     results = fit_many(
         [y] * count + [y + eps * probe.to(y.dtype)] * count,
         problem.task,
@@ -214,12 +333,36 @@ def choose_lambda(
         cleans=None if problem.clean is None else [problem.clean] * (2 * count),
         region=problem.region,
     )
+    if stop == "sure":
+        sure = sure_rule.apply(results, problem.task, y)
+    else:
+        sure = _ratio_scores(recorder, results[:count], sigma, eps)
+    chosen = int(np.nanargmin(sure))
+    return LambdaChoice(
+        lam=float(candidates[chosen]),
+        chosen=chosen,
+        candidates=tuple(float(lam) for lam in candidates),
+        sure=tuple(sure),
+        stops=tuple(result.stop_iteration for result in results[:count]),
+        ended=tuple(result.iterations_run for result in results[:count]),
+        sigma=sigma,
+        eps=eps,
+        stop=stop,
+        results=results[:count],
+    )
+
+
+def _ratio_scores(
+    recorder: ProjectionRecorder, results: list[FitResult], sigma: float, eps: float
+) -> list[float]:
+    """SURE of each candidate at its ratio-rule stop (the budget's last output where it did
+    not fire)."""
+    count = len(results)
     projections = recorder.values.cpu().numpy()
-    numel = int(scored.sum())
+    numel = int(recorder.scored.sum())
     residuals = recorder.residuals.cpu().numpy() / numel
-    sure, stops = [], []
-    for k in range(count):
-        result = results[k]
+    sure = []
+    for k, result in enumerate(results):
         index = (
             result.iterations_run - 1 if result.stop_iteration is None else result.stop_iteration
         )
@@ -232,15 +375,4 @@ def choose_lambda(
             numel,
         )
         sure.append(float(curve[0]))
-        stops.append(result.stop_iteration)
-    chosen = int(np.nanargmin(sure))
-    return LambdaChoice(
-        lam=float(candidates[chosen]),
-        chosen=chosen,
-        candidates=tuple(float(lam) for lam in candidates),
-        sure=tuple(sure),
-        stops=tuple(stops),
-        sigma=sigma,
-        eps=eps,
-        results=results[:count],
-    )
+    return sure

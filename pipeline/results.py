@@ -55,7 +55,12 @@ RESULT_FILES = (
 
 @dataclass
 class FitResult:
-    """What one fit produced. Images are restored images (1,C,H,W) on the CPU in [0,1]."""
+    """What one fit produced. Images are restored images (1,C,H,W) on the CPU in [0,1].
+
+    ``at_stop`` is the output at ``stop_iteration`` of the rule named by ``stop_rule``: the ratio
+    rule of the fit's settings, or ``"sure"`` (:func:`pipeline.stopping.sure_window_rule`) for a
+    fit at λ chosen by :func:`pipeline.lambda_choice.choose_lambda` with that stop.
+    """
 
     final: Tensor
     at_stop: Tensor
@@ -66,6 +71,7 @@ class FitResult:
     curves: dict[str, np.ndarray]
     wall_time: float
     config: FitConfig
+    stop_rule: str = "ratio"
 
     def summary(self) -> dict[str, Any]:
         """Scalars of the fit: stop, peak and final values of the curves."""
@@ -80,6 +86,7 @@ class FitResult:
         last = int(self.curves["iteration"][-1])
         return {
             "iterations_run": self.iterations_run,
+            "stop_rule": self.stop_rule,
             "stop_iteration": self.stop_iteration,
             "best_iteration": self.best_iteration,
             "psnr_final": at("psnr", last),
@@ -93,11 +100,11 @@ class FitResult:
 
 
 def summary_line(summary: dict[str, Any]) -> str:
-    """A finished fit in one line, as the commands print it: iterations, time, the ratio rule's
-    stop, and PSNR at the stop, the budget and the peak when a clean image was known."""
-    stop = summary["stop_iteration"]
+    """A finished fit in one line, as the commands print it: iterations, time, the stopping
+    rule's stop, and PSNR at the stop, the budget and the peak when a clean image was known."""
+    stop, rule = summary["stop_iteration"], summary.get("stop_rule", "ratio")
     line = f"{summary['iterations_run']} iterations in {summary['wall_time_s']:.1f} s"
-    line += f", ratio rule stop at {stop}" if stop is not None else ", ratio rule did not fire"
+    line += f", {rule} rule stop at {stop}" if stop is not None else f", {rule} rule did not fire"
     if summary["psnr_final"] is not None:
         line += (
             f"; PSNR stop {summary['psnr_stop']:.2f} dB, final {summary['psnr_final']:.2f} dB, "

@@ -11,6 +11,8 @@ re-optimising (method.md §5).
 - :func:`oracle_peak` — the best PSNR against the clean image (needs the clean image).
 - :func:`es_wmv` / :func:`es_emv` — Wang et al., "Early Stopping for Deep Image Prior": the running
   (windowed or exponential) variance of the outputs stops improving.
+- :func:`sure_window_rule` — for a fit whose MC-SURE curve is known (λ chosen by
+  :mod:`pipeline.lambda_choice`): the estimated MSE stops falling.
 
 :class:`OnlineRatioRule` is the same ratio rule evaluated inside the fit loop on the device,
 without a host synchronisation per iteration.
@@ -34,6 +36,11 @@ RATIO_SCALES = ("absolute", "relative", "log")
 VARIANCE_WINDOW = 100
 EMV_ALPHA = 0.1
 VARIANCE_PATIENCE = 1000
+
+SURE_WINDOW = 50
+SURE_DELTA = 0.01
+"""The SURE window rule's window w and threshold δ (fixed on experiments/unseen's validation
+curves before its test group was scored: experiments/unseen/preregistered.md)."""
 
 SECTION_RULES = {"ratio": "ratio", "es_wmv": "wmv", "es_emv": "emv"}
 """Rule names of params.yaml's ``stopping`` section → prefix of their settings here."""
@@ -167,6 +174,53 @@ def es_wmv(wmv: np.ndarray, patience: int = VARIANCE_PATIENCE) -> int | None:
 def es_emv(emv: np.ndarray, patience: int = VARIANCE_PATIENCE) -> int | None:
     """ES-EMV: as :func:`es_wmv` on the exponential moving variance (α = 0.1)."""
     return patience_stop(emv, patience)
+
+
+def trailing_means(values: np.ndarray, window: int) -> np.ndarray:
+    """``m[t] = mean(values[t - window + 1 : t + 1])``; NaN for ``t < window - 1``."""
+    check_int("window", window, 1)
+    v = np.asarray(values, dtype=np.float64)
+    c = np.concatenate([[0.0], np.cumsum(v)])
+    means = np.full(len(v), np.nan)
+    if len(v) >= window:
+        means[window - 1 :] = (c[window:] - c[: len(v) - window + 1]) / window
+    return means
+
+
+@dataclass(frozen=True)
+class SureStop:
+    """Where :func:`sure_window_rule` fired (``fired``) and the output it keeps (``best``:
+    the last iteration of the window of least mean SURE up to ``fired``), as curve indices."""
+
+    fired: int
+    best: int
+
+
+def sure_window_rule(
+    sure: np.ndarray, noise_var: float, window: int = SURE_WINDOW, delta: float = SURE_DELTA
+) -> SureStop | None:
+    """The SURE window rule: stop once the estimated MSE has stopped falling.
+
+    With ``S[t]`` the mean of the SURE curve over the last ``w = window`` values
+    (:func:`trailing_means`), the rule fires at the first ``t ≥ 2w − 1`` where
+    ``S[t − w] − S[t] < δ·σ²`` (``noise_var`` = σ²): over the last w iterations the estimate fell
+    by less than the fraction δ of the noise variance, or rose. It keeps the output at
+    ``argmin S[0 … t]`` (first on ties), the analogue of ES-WMV keeping its variance minimum.
+    SURE of one probe is noisy from iteration to iteration (:mod:`pipeline.lambda_choice`), hence
+    the window means; σ² sets the scale, so the rule reads the same on any image's intensity
+    level. ``None`` where it never fires.
+    """
+    check_int("window", window, 1)
+    check_number("delta", delta, above=0)
+    check_number("noise_var", noise_var, above=0)
+    means = trailing_means(sure, window)
+    t = np.arange(2 * window - 1, len(means))
+    fell = means[t - window] - means[t]
+    fired = np.flatnonzero(fell < delta * noise_var)
+    if not fired.size:
+        return None
+    at = int(t[fired[0]])
+    return SureStop(fired=at, best=int(np.nanargmin(means[: at + 1])))
 
 
 class OnlineRatioRule:

@@ -4,10 +4,11 @@ The profile's settings were calibrated on two images (README, "Default profile")
 runs its denoising protocol (``data`` resize and crop, ``tasks.denoising.observe``: σ and noise
 seed) on a held-out group of bundled images, with λ of the full method (``aggregate.phenomena``'s
 ``controlled`` method) chosen per image without the clean image by
-:func:`pipeline.lambda_choice.choose_lambda`, and every fit running its budget so that the drop
-after the peak is seen. Per image it reports the chosen λ, the ratio rule's stop, the PSNR at the
-peak, the stop and the budget, the drop (peak − budget) and the stop's gap (peak − stop); the
-verdicts use the profile's own thresholds (``aggregate.phenomena``):
+:func:`pipeline.lambda_choice.choose_lambda` at the stop it names (the SURE window rule or the
+profile's ratio rule), and every fit running its budget so that the drop after the peak is seen.
+Per image it reports the chosen λ, the stop, the PSNR at the peak, the stop and the budget, the
+drop (peak − budget) and the stop's gap (peak − stop); the verdicts use the profile's own
+thresholds (``aggregate.phenomena``):
 
 - the controlled method's mean drop is at most ``max_controlled_drop``;
 - on at least :data:`MIN_SHARE` of the images the rule stops before the budget within
@@ -35,10 +36,12 @@ def check_unseen(
     images: Sequence[str],
     candidates: Sequence[float] = GRID,
     on_image: Callable[[dict[str, Any]], None] | None = None,
+    stop: str = "sure",
 ) -> dict[str, Any]:
     """Run the check on the bundled ``images`` under ``params`` (a profile); returns
     ``{"images": [row, …], "summary": {…}, "verdicts": {…}}``. ``on_image`` is called with each
-    row as it is done (progress, partial results)."""
+    row as it is done (progress, partial results); ``stop`` is the λ choice's stop
+    (:data:`pipeline.lambda_choice.STOPS`)."""
     phenomena = section(params, "aggregate", "phenomena")
     data, observe = section(params, "data"), section(params, "tasks", "denoising", "observe")
     sigma = section(observe, "sigmas")[0]
@@ -52,12 +55,15 @@ def check_unseen(
             short_side=data.get("resize"),
             crop=data.get("crop"),
         )
-        choice = choose_lambda(problem, settings, candidates, sigma / 255, halt_at_stop=False)
+        choice = choose_lambda(
+            problem, settings, candidates, sigma / 255, halt_at_stop=False, stop=stop
+        )
         summary = choice.results[choice.chosen].summary()
         peak, stop, final = summary["psnr_best"], summary["psnr_stop"], summary["psnr_final"]
         row = {
             "image": source.name,
             "lam": choice.lam,
+            "stop_rule": choice.stop,
             "stop_iteration": summary["stop_iteration"],
             "psnr_peak": peak,
             "psnr_stop": stop,

@@ -33,7 +33,8 @@ def tuned_fit(
     """The fit at λ chosen by MC-SURE (:func:`pipeline.lambda_choice.choose_lambda`), and the
     choice as recorded in ``summary.json`` (σ on the 0–255 scale, as ``--sigma``). σ is the one
     given (``--sigma``), the simulation's, or estimated from a photo. The candidates measure
-    every iteration and each ends at its ratio-rule stop."""
+    every iteration and each ends at its stop by the SURE window rule, whose kept output is
+    ``restored_stop.png``."""
     given = degradation.get("sigma")
     if given is None and problem.clean is not None:
         given = problem.task.params()["sigma"]
@@ -50,7 +51,11 @@ def tuned_fit(
         stop = row["stop_iteration"]
         click.echo(
             f"λ = {row['lam']:g}: SURE {row['sure']:.3g} at "
-            + (f"its stop {stop}" if stop is not None else "the budget")
+            + (
+                f"iteration {stop} (ran {row['iterations_run']})"
+                if stop is not None
+                else "the budget"
+            )
         )
     sigma = 255 * choice.sigma
     click.echo(f"chose λ = {choice.lam:g} (σ = {sigma:.3g}/255)")
@@ -59,6 +64,7 @@ def tuned_fit(
         "sigma": sigma,
         "sigma_given": given is not None,
         "ended_at_stop": True,
+        "stop_rule": choice.stop,
         "candidates": choice.scores(),
     }
     return choice.results[choice.chosen], record
@@ -102,7 +108,7 @@ def fit_command(
     IMAGE may have any size of at least 32 px a side (an SR photo: 32/factor): it is padded by
     reflection to the network's sizes and the outputs are cut back to it (--crop: cropped). With
     --tune, λ is chosen for this image by MC-SURE (pipeline/lambda_choice.py) and the fit at the
-    chosen λ, which ends at its ratio-rule stop, is the result.
+    chosen λ, which ends at its stop by the SURE window rule, is the result.
     """
     degradation = task_params(task, options)
     given = fit_values(options)

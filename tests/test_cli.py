@@ -115,6 +115,7 @@ def test_fit_tune_restores_a_photo_with_the_lambda_mc_sure_chooses(rgb_png: Path
     best = min(candidates, key=lambda row: row["sure"])
     assert choice["lam"] == best["lam"] == summary["settings"]["lam"]
     assert choice["sigma_given"] is False and 5 < choice["sigma"] < 100  # estimated, 0–255 scale
+    assert choice["stop_rule"] == summary["stop_rule"] == "sure"
     assert f"chose λ = {best['lam']:g}" in result.output
     with Image.open(out / "restored_stop.png") as restored:
         assert restored.size == (97, 70)  # the whole photo, padded for the fit and cut back

@@ -1,4 +1,5 @@
-"""pipeline.lambda_choice: MC-SURE of a fit, its probe and recorder, the noise estimate."""
+"""pipeline.lambda_choice: MC-SURE of a fit, its probe and recorder, the noise estimate, the
+choice at the ratio rule's stop and at the SURE window rule's."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from pipeline.lambda_choice import (
 )
 from pipeline.problem import Problem
 from pipeline.settings import fit_settings
+from tests.test_stopping import sure_window_loop
 
 SIGMA = 25 / 255
 
@@ -121,7 +123,9 @@ def test_choose_lambda_scores_each_candidate_by_sure_at_its_stop(tiny):
     def keep(view: MemberView) -> None:
         outputs[view.member, view.iteration - 1] = view.last_out.double().numpy().copy()
 
-    choice = choose_lambda(problem, settings, candidates, sigma=SIGMA, callbacks=[keep])
+    choice = choose_lambda(
+        problem, settings, candidates, sigma=SIGMA, callbacks=[keep], stop="ratio"
+    )
     y = problem.observation.double().numpy()
     b = rademacher(tuple(problem.observation.shape)).double().numpy()
     eps = EPS_OVER_SIGMA * SIGMA
@@ -139,16 +143,20 @@ def test_choose_lambda_scores_each_candidate_by_sure_at_its_stop(tiny):
         "sure": choice.sure[0],
         "sure_psnr": pytest.approx(10 * np.log10(1 / choice.sure[0])),
         "stop_iteration": 21,
+        "iterations_run": 22,
     }
     chosen = choice.results[choice.chosen]
     assert chosen.stop_iteration == 21 and chosen.config.model.lam == choice.lam
+    assert chosen.stop_rule == "ratio" and choice.stop == "ratio"
     assert max(t for _, t in outputs) == 21  # candidate and twin ended at the stop
 
 
 def test_choose_lambda_halting_at_the_stop_changes_no_score(tiny):
     problem, settings = tiny
-    halted = choose_lambda(problem, settings, (0.5, 1.4), sigma=SIGMA)
-    full = choose_lambda(problem, settings, (0.5, 1.4), sigma=SIGMA, halt_at_stop=False)
+    halted = choose_lambda(problem, settings, (0.5, 1.4), sigma=SIGMA, stop="ratio")
+    full = choose_lambda(
+        problem, settings, (0.5, 1.4), sigma=SIGMA, halt_at_stop=False, stop="ratio"
+    )
     assert halted.sure == full.sure and halted.stops == full.stops
     assert [r.iterations_run for r in halted.results] == [6, 6]
     assert [r.iterations_run for r in full.results] == [12, 12]
@@ -157,7 +165,7 @@ def test_choose_lambda_halting_at_the_stop_changes_no_score(tiny):
 def test_choose_lambda_estimates_sigma_and_refuses_other_tasks(tiny):
     problem, settings = tiny
     settings = {**settings, "iterations": 6}
-    choice = choose_lambda(problem, settings, (1.0,))
+    choice = choose_lambda(problem, settings, (1.0,), stop="ratio")
     assert choice.sigma == estimate_noise_sigma(problem.observation)
     assert choice.stops == (5,) and choice.lam == 1.0
     inpainting = Problem(Inpainting(p=0.5), problem.observation, None)
@@ -165,3 +173,48 @@ def test_choose_lambda_estimates_sigma_and_refuses_other_tasks(tiny):
         choose_lambda(inpainting, settings)
     with pytest.raises(UserError, match="positive"):
         choose_lambda(problem, settings, (0.0, 1.0))
+    with pytest.raises(UserError, match="stop must be one of sure, ratio"):
+        choose_lambda(problem, settings, stop="es_wmv")
+
+
+def test_choose_lambda_at_the_sure_window_rule_against_numpy(tiny):
+    """Every candidate's SURE curve recomputed in NumPy from the outputs of the candidate and its
+    twin; the literal rule on it gives each stop, the kept output and the score (its window
+    mean); halting at the stop changes none of them and ends each pair just after it fires."""
+    problem, settings = tiny
+    settings.update(iterations=40, lr=0.05)
+    candidates, window, delta = (0.5, 1.4), 5, 0.3
+    outputs: dict[tuple[int, int], np.ndarray] = {}
+
+    def keep(view: MemberView) -> None:
+        outputs[view.member, view.iteration - 1] = view.last_out.double().numpy().copy()
+
+    args = (problem, settings, candidates, SIGMA)
+    full = choose_lambda(*args, False, callbacks=[keep], window=window, delta=delta)
+    y = problem.observation.double().numpy()
+    b = rademacher(tuple(problem.observation.shape)).double().numpy()
+    eps = EPS_OVER_SIGMA * SIGMA
+    fired, scores = [], []
+    for k in range(2):
+        sure = [
+            np.mean((y - outputs[k, t]) ** 2)
+            - SIGMA**2
+            + 2 * SIGMA**2 * np.sum(b * (outputs[2 + k, t] - outputs[k, t])) / eps / y.size
+            for t in range(40)
+        ]
+        stop = sure_window_loop(sure, SIGMA**2, window, delta)
+        assert stop is not None and stop.fired < 39
+        fired.append(stop.fired)
+        scores.append(np.mean(sure[stop.best - window + 1 : stop.best + 1]))
+        result = full.results[k]
+        assert full.stops[k] == result.stop_iteration == stop.best
+        assert result.stop_rule == "sure" and result.iterations_run == 40
+        np.testing.assert_allclose(result.at_stop.double().numpy(), outputs[k, stop.best])
+    np.testing.assert_allclose(full.sure, scores, rtol=1e-9)
+    assert full.chosen == int(np.argmin(scores)) and full.stop == "sure"
+    halted = choose_lambda(*args, callbacks=[keep], window=window, delta=delta)
+    assert halted.sure == full.sure and halted.stops == full.stops
+    assert list(halted.ended) == [f + 2 for f in fired]  # the candidate ends at its next sync
+    for k in range(2):
+        assert torch.equal(halted.results[k].at_stop, full.results[k].at_stop)
+        assert halted.results[k].summary()["psnr_stop"] == full.results[k].summary()["psnr_stop"]

@@ -1,4 +1,5 @@
-"""Stopping rules: ratio rule of Eq. 8 (with its window quirk), oracle, ES-WMV/EMV, online form."""
+"""Stopping rules: ratio rule of Eq. 8 (with its window quirk), oracle, ES-WMV/EMV, online form,
+the SURE window rule."""
 
 import math
 
@@ -11,10 +12,13 @@ from pipeline.stopping import (
     RATIO_SCALES,
     OnlineRatioRule,
     StoppingConfig,
+    SureStop,
     es_emv,
     es_wmv,
     oracle_peak,
     ratio_rule,
+    sure_window_rule,
+    trailing_means,
 )
 
 
@@ -168,3 +172,63 @@ def test_variance_rules_stop_at_the_minimum_after_patience():
 def test_bad_settings_are_user_errors(kwargs):
     with pytest.raises(UserError):
         ratio_rule(np.zeros(10), **{"window": 5, "eps": 0.01, **kwargs})
+
+
+def sure_window_loop(sure: list[float], noise_var: float, w: int, delta: float) -> SureStop | None:
+    """Literal transcription of the SURE window rule: S[t] = mean(sure[t-w+1 .. t]); fire at the
+    first t >= 2w-1 with S[t-w] - S[t] < delta * noise_var; keep the first argmin of S[0 .. t]."""
+    means = {t: sum(sure[t - w + 1 : t + 1]) / w for t in range(w - 1, len(sure))}
+    for t in range(2 * w - 1, len(sure)):
+        if means[t - w] - means[t] < delta * noise_var:
+            best = min(range(w - 1, t + 1), key=lambda i: (means[i], i))
+            return SureStop(fired=t, best=best)
+    return None
+
+
+def test_trailing_means_hand_computed():
+    np.testing.assert_array_equal(
+        trailing_means(np.array([1.0, 3.0, 5.0, 4.0]), 2), [np.nan, 2.0, 4.0, 4.5]
+    )
+    assert np.isnan(trailing_means(np.array([1.0, 2.0]), 3)).all()
+
+
+def test_sure_window_rule_hand_computed():
+    # w = 2: S = [-, 4.5, 3.5, 2.75, 2.475, 2.525, 2.6]; S[t-2] - S[t] = 1.75, 1.025, 0.225 at
+    # t = 3, 4, 5 (>= 0.1), then 2.475 - 2.6 = -0.125 < 0.1 at t = 6; least S up to 6: t = 4.
+    sure = np.array([5.0, 4.0, 3.0, 2.5, 2.45, 2.6, 2.6])
+    assert sure_window_rule(sure, 1.0, window=2, delta=0.1) == SureStop(fired=6, best=4)
+    assert sure_window_rule(sure[:6], 1.0, window=2, delta=0.1) is None
+    # δ·σ² sets the threshold: δ = 0.3 fires at t = 5 (0.225 < 0.3), keeping t = 4.
+    assert sure_window_rule(sure, 1.0, window=2, delta=0.3) == SureStop(fired=5, best=4)
+
+
+def test_sure_window_rule_equals_literal_transcription():
+    rng = np.random.default_rng(3)
+    for trial in range(40):
+        length, w = int(rng.integers(5, 200)), int(rng.integers(1, 30))
+        t = np.arange(length)
+        sure = (
+            np.exp(-t / rng.uniform(5, 80)) + rng.uniform(0, 2e-3) * t + rng.normal(0, 0.01, length)
+        )
+        noise_var, delta = rng.uniform(0.01, 1), rng.uniform(0.001, 0.1)
+        expected = sure_window_loop(sure.tolist(), noise_var, w, delta)
+        assert sure_window_rule(sure, noise_var, w, delta) == expected, trial
+
+
+def test_sure_window_rule_reads_sure_in_units_of_the_noise_variance():
+    t = np.arange(1000)
+    sure = 0.02 * np.exp(-t / 60) + 0.004 + 1e-6 * t  # least at t = 349, rising after
+    stop = sure_window_rule(sure, 0.01)
+    assert stop == SureStop(fired=336, best=336) == sure_window_rule(7 * sure, 0.07)
+    # At any δ > 0 it fires once S has risen over a window: the least window is the one
+    # centred on t = 349 (it ends 24 or 25 later), and the fire comes after it.
+    rising = sure_window_rule(sure, 0.01, delta=1e-9)
+    assert rising is not None and rising.best in (373, 374, 375) and rising.fired > rising.best
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"window": 0}, {"delta": 0.0}, {"noise_var": 0.0}, {"window": 2.5}]
+)
+def test_bad_sure_window_settings_are_user_errors(kwargs):
+    with pytest.raises(UserError):
+        sure_window_rule(np.zeros(10), **{"noise_var": 1.0, **kwargs})

@@ -46,7 +46,9 @@ def test_check_runs_the_profiles_protocol_on_a_held_out_image(cpu_profile):
     params["tasks"]["denoising"]["fit"]["lam_gaussian"] = 1.4
     params["stopping"]["ratio"] = {"window": 2, "eps": 1e9}
     rows = []
-    result = check_unseen(params, ["moon"], candidates=(0.5, 1.4), on_image=rows.append)
+    result = check_unseen(
+        params, ["moon"], candidates=(0.5, 1.4), on_image=rows.append, stop="ratio"
+    )
     (got,) = result["images"]
     assert rows == [got] and got["image"] == "moon" and got["lam"] in (0.5, 1.4)
     assert [c["lam"] for c in got["candidates"]] == [0.5, 1.4]
@@ -63,7 +65,9 @@ def test_check_runs_the_profiles_protocol_on_a_held_out_image(cpu_profile):
         crop=64,
     )
     settings = fit_settings(params, "denoising", "gaussian")
-    choice = choose_lambda(problem, settings, (0.5, 1.4), 25 / 255, halt_at_stop=False)
+    choice = choose_lambda(
+        problem, settings, (0.5, 1.4), 25 / 255, halt_at_stop=False, stop="ratio"
+    )
     assert [c["sure"] for c in got["candidates"]] == list(choice.sure)
     psnr = choice.results[choice.chosen].curves["psnr"].astype(np.float64)
     assert len(psnr) == 24
@@ -74,3 +78,13 @@ def test_check_runs_the_profiles_protocol_on_a_held_out_image(cpu_profile):
     assert got["stop_gap"] == pytest.approx(psnr.max() - psnr[5], abs=1e-5)
     assert result["summary"]["images"] == 1
     assert result["verdicts"]["stop_within_gap"] == (got["stop_gap"] <= 1.0)
+
+
+def test_check_scores_the_budgets_output_where_the_sure_rule_does_not_fire(cpu_profile):
+    """24 iterations are too few for the SURE window rule (it needs 2w − 1 = 99): the row's stop
+    is the budget's, so its gap is the drop."""
+    params = copy.deepcopy(cpu_profile)
+    params["fit"].update(width=8, iterations=24, device="cpu")
+    (got,) = check_unseen(params, ["moon"], candidates=(0.5, 1.4))["images"]
+    assert got["stop_rule"] == "sure" and got["stop_iteration"] is None
+    assert got["psnr_stop"] == got["psnr_final"] and got["stop_gap"] == got["drop"]

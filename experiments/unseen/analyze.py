@@ -7,10 +7,12 @@ can see; its PSNR at its stop is compared with the oracle's pick (the best PSNR 
 the grid) and with the fixed λ = 1.4 of the profile.
 
     python experiments/unseen/analyze.py     # writes results.json and tables.md, prints a digest
+    python experiments/unseen/analyze.py --curves test_curves --prefix test_   # the test group
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +23,16 @@ import numpy as np
 
 from pipeline.lambda_choice import mc_sure
 from pipeline.settings import load_yaml
-from pipeline.stopping import es_emv, es_wmv, patience_stop, ratio_rule
+from pipeline.stopping import (
+    SURE_DELTA,
+    SURE_WINDOW,
+    es_emv,
+    es_wmv,
+    patience_stop,
+    ratio_rule,
+    sure_window_rule,
+    trailing_means,
+)
 from pipeline.tuning import spearman
 from pipeline.unseen import verdicts
 
@@ -36,12 +47,19 @@ MAX_DROP_DB = 0.3
 TARGET_SHARE = 0.9
 
 
+def sure_at(curves: dict[str, np.ndarray], index: int) -> float:
+    """MC-SURE of the output at ``index``: the λ criterion's score under most rules."""
+    return float(curves["sure"][index])
+
+
 @dataclass(frozen=True)
 class Rule:
-    """A stopping rule over one fit's curves; ``None`` where it never fires."""
+    """A stopping rule over one fit's curves: the index of the output it keeps (``None``
+    where it never fires); ``score`` is MC-SURE's score of the output at an index."""
 
     name: str
     stop: Callable[[dict[str, np.ndarray]], int | None]
+    score: Callable[[dict[str, np.ndarray], int], float] = sure_at
 
     @property
     def on_ratio(self) -> bool:
@@ -70,6 +88,28 @@ def sure_smoothed(curves: dict[str, np.ndarray], window: int, patience: int) -> 
     mean = np.full(len(curves["sure"]), np.nan)
     mean[window - 1 :] = (c[window:] - c[:-window]) / window
     return patience_stop(mean, patience)
+
+
+def sure_window_kept(curves: dict[str, np.ndarray], window: int, delta: float) -> int | None:
+    stop = sure_window_rule(curves["sure"], float(curves["noise_var"]), window, delta)
+    return None if stop is None else stop.best
+
+
+def sure_window_score(curves: dict[str, np.ndarray], index: int, window: int) -> float:
+    """The window mean of SURE at ``index`` (the budget's: the mean of the last ``window``)."""
+    return float(trailing_means(curves["sure"], window)[index])
+
+
+def sure_window(window: int = SURE_WINDOW, delta: float = SURE_DELTA) -> Rule:
+    """The SURE window rule (pipeline.stopping.sure_window_rule) as choose_lambda runs it."""
+    return Rule(
+        f"sure window w={window} delta={delta:g}",
+        partial(sure_window_kept, window=window, delta=delta),
+        partial(sure_window_score, window=window),
+    )
+
+
+SURE_RULE = sure_window().name
 
 
 def emv_corrected(curves: dict[str, np.ndarray], patience: int, alpha: float = 0.1) -> int | None:
@@ -101,6 +141,7 @@ REPORT_RULES = [
     "es_emv patience=1000",
     "es_emv patience=200 from 10",
     "sure mean50 patience=100",
+    SURE_RULE,
 ]
 RULES = [
     ratio(100, 0.01, "absolute"),
@@ -138,6 +179,7 @@ RULES = [
         for p in (100, 200, 300)
     ],
     Rule("sure argmin", lambda c: int(np.nanargmin(c["sure"]))),
+    *[sure_window(w, d) for w in (25, 50, 100) for d in (0.005, 0.01, 0.02, 0.05)],
 ]
 
 
@@ -178,7 +220,11 @@ class Image:
             for key, values in self.arrays.items()
             if key.startswith("grid_")
         }
-        return {**curves, "sure": self.sure(member, self.meta["sigma"])}
+        return {
+            **curves,
+            "sure": self.sure(member, self.meta["sigma"]),
+            "noise_var": np.float64(self.meta["sigma"] ** 2),
+        }
 
 
 def load(folder: Path) -> list[Image]:
@@ -238,7 +284,7 @@ def evaluate_image(image: Image, rule: Rule) -> dict:
     psnr = at([c["psnr"] for c in curves])
     peak = np.array([np.nanmax(c["psnr"]) for c in curves])
     final = np.array([c["psnr"][-1] for c in curves])
-    sure = at([c["sure"] for c in curves])
+    sure = np.array([rule.score(c, i) for c, i in zip(curves, index, strict=True)])
     sure_hat = at([image.sure(m, sigma_hat) for m in members])
     sure_final = np.array([c["sure"][-1] for c in curves])
     loss = at([c["loss"] for c in curves])
@@ -447,6 +493,8 @@ def tables(results: dict, rules: list[str], profile: dict[str, list[dict]]) -> s
     lines += ["", f"### The held-out phenomena check (stop `{rules[0]}`)", ""]
     lines += check_table(main_rule["held_out_check"]["sure"], "λ by MC-SURE")
     lines += check_table(main_rule["held_out_check"]["fixed"], "the profile's fixed λ = 1.4")
+    lines += ["", f"### The held-out phenomena check (stop `{SURE_RULE}`)", ""]
+    lines += check_table(results["rules"][SURE_RULE]["held_out_check"]["sure"], "λ by MC-SURE")
     return "\n".join(lines) + "\n"
 
 
@@ -499,7 +547,11 @@ def check_table(check: dict, title: str) -> list[str]:
 
 
 def main() -> None:
-    images = load(HERE / "curves")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--curves", default="curves", help="folder of collect.py's curves")
+    parser.add_argument("--prefix", default="", help="of the written results.json, tables.md")
+    args = parser.parse_args()
+    images = load(HERE / args.curves)
     results: dict = {
         "images": [i.name for i in images],
         "holdout_images": [i.name for i in images if i.has_holdout],
@@ -528,15 +580,16 @@ def main() -> None:
             name: [f for f in entry["fits"] if f["fit"].endswith("gaussian")]
             for name, entry in json.loads(own.read_text())["rules"].items()
         }
-        if own.is_file()
+        # A column of the validation group's tables; the test group holds those images itself.
+        if own.is_file() and not args.prefix
         else {}
     )
-    (HERE / "tables.md").write_text(tables(results, REPORT_RULES, profile))
+    (HERE / f"{args.prefix}tables.md").write_text(tables(results, REPORT_RULES, profile))
     # Per-image rows only for the reported rules: the rest is regenerated in seconds.
     for name, entry in results["rules"].items():
         if name not in REPORT_RULES:
             del entry["per_image"], entry["held_out_check"]
-    (HERE / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (HERE / f"{args.prefix}results.json").write_text(json.dumps(results, indent=1) + "\n")
     for name, entry in results["rules"].items():
         s, m = entry["criteria"]["sure"], entry["all_members"]
         print(

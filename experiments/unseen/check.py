@@ -1,8 +1,10 @@
 """The CPU profile's phenomena check on the held-out group (issue 10, item 3), as one command:
 
     python experiments/unseen/check.py [--params params.yaml] [--images moon,grass,...]
+        [--stop sure|ratio]
 
-runs :func:`pipeline.unseen.check_unseen` (λ by MC-SURE per image, every fit to its budget),
+runs :func:`pipeline.unseen.check_unseen` (λ by MC-SURE per image at the SURE window rule's stop
+or the profile's ratio rule's, every fit to its budget),
 prints one line per image and the verdicts, and writes ``check.json`` next to this file. The
 default group is the validation set of this experiment (README).
 """
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.lambda_choice import STOPS
 from pipeline.settings import load_params
 from pipeline.unseen import check_unseen
 
@@ -29,6 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--images", default=GROUP)
+    parser.add_argument("--stop", choices=STOPS, default="sure")
     parser.add_argument("--out", type=Path, default=HERE / "check.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -41,7 +45,8 @@ def main() -> None:
             flush=True,
         )
 
-    result = check_unseen(load_params(args.params), args.images.split(","), on_image=show)
+    params = load_params(args.params)
+    result = check_unseen(params, args.images.split(","), on_image=show, stop=args.stop)
     print(json.dumps({"summary": result["summary"], "verdicts": result["verdicts"]}, indent=1))
     args.out.write_text(json.dumps(result, indent=1) + "\n")
 
