@@ -285,7 +285,14 @@ def evaluate_image(image: Image, rule: Rule) -> dict:
     peak = np.array([np.nanmax(c["psnr"]) for c in curves])
     final = np.array([c["psnr"][-1] for c in curves])
     sure = np.array([rule.score(c, i) for c, i in zip(curves, index, strict=True)])
-    sure_hat = at([image.sure(m, sigma_hat) for m in members])
+    # With σ estimated from y, as for a user's photo: SURE and the rule's stop both read σ̂.
+    hat_curves = [
+        {**c, "sure": image.sure(m, sigma_hat), "noise_var": np.float64(sigma_hat**2)}
+        for m, c in zip(members, curves, strict=True)
+    ]
+    hat_stops = [rule.stop(c) for c in hat_curves]
+    hat_index = [at_stop(s, budget) for s in hat_stops]
+    sure_hat = np.array([rule.score(c, i) for c, i in zip(hat_curves, hat_index, strict=True)])
     sure_final = np.array([c["sure"][-1] for c in curves])
     loss = at([c["loss"] for c in curves])
     # SURE's own estimate of each fit's drop: its best PSNR over the run against the budget's.
@@ -316,6 +323,8 @@ def evaluate_image(image: Image, rule: Rule) -> dict:
         row["holdout_folds"] = folds.tolist()
         row["holdout_fold_picks"] = [float(lams[int(np.argmin(f))]) for f in folds]
     true_mse = 10 ** (-psnr / 10)
+    hat = picks["sure_sigma_hat"]
+    hat_psnr = float(curves[hat]["psnr"][hat_index[hat]])
     return {
         "image": image.name,
         "lams": lams.tolist(),
@@ -328,9 +337,11 @@ def evaluate_image(image: Image, rule: Rule) -> dict:
         "sure_spearman": spearman(-sure, psnr),
         **row,
         "picks": {name: float(lams[m]) for name, m in picks.items()},
-        "psnr": {name: float(psnr[m]) for name, m in picks.items()},
-        "fired": {name: stops[m] is not None for name, m in picks.items()},
-        "gap": {name: float(peak[m] - psnr[m]) for name, m in picks.items()},
+        "psnr": {name: float(psnr[m]) for name, m in picks.items()} | {"sure_sigma_hat": hat_psnr},
+        "fired": {name: stops[m] is not None for name, m in picks.items()}
+        | {"sure_sigma_hat": hat_stops[hat] is not None},
+        "gap": {name: float(peak[m] - psnr[m]) for name, m in picks.items()}
+        | {"sure_sigma_hat": float(peak[hat] - hat_psnr)},
         "drop": {name: float(peak[m] - final[m]) for name, m in picks.items()},
         "dip_drop": float(np.nanmax(image.arrays["dip_psnr"]) - image.arrays["dip_psnr"][-1]),
     }
@@ -422,18 +433,17 @@ CRITERIA = {
 }
 
 
-def tables(results: dict, rules: list[str], profile: dict[str, list[dict]]) -> str:
-    """The README's tables (markdown) for the stopping rules ``rules`` (first: the reference);
-    ``profile`` maps a rule to its stops on the profile's own Gaussian fits (profile_images.py)."""
-    main_rule = results["rules"][rules[0]]
-    lines = [f"### λ criteria under the stop `{rules[0]}`", ""]
+def rule_tables(results: dict, rule: str) -> list[str]:
+    """The λ criteria and the per-image table under the stopping rule ``rule``."""
+    entry = results["rules"][rule]
+    lines = [f"### λ criteria under the stop `{rule}`", ""]
     lines += [
         "| criterion | images | loss vs oracle λ: mean / worst (dB) "
         "| loss vs fixed λ = 1.4 (negative: a gain): mean / worst (dB) | mean PSNR at the stop |",
         "|---|---|---|---|---|",
     ]
     for name, label in CRITERIA.items():
-        c = main_rule["criteria"].get(name)
+        c = entry["criteria"].get(name)
         if c is None:
             continue
         lines.append(
@@ -441,7 +451,7 @@ def tables(results: dict, rules: list[str], profile: dict[str, list[dict]]) -> s
             f"{c['worst_loss_vs_oracle']:.2f} | {c['mean_loss_vs_fixed']:+.2f} / "
             f"{c['worst_loss_vs_fixed']:+.2f} | {c['mean_psnr']:.2f} |"
         )
-    fixed = [(name, c) for name, c in main_rule["criteria"].items() if name.startswith("fixed_")]
+    fixed = [(name, c) for name, c in entry["criteria"].items() if name.startswith("fixed_")]
     lines += ["", "One fixed λ for every image (same stop):", ""]
     lines += ["| λ | " + " | ".join(name[len("fixed_") :] for name, _ in fixed) + " |"]
     lines += ["|---|" + "---|" * len(fixed)]
@@ -452,13 +462,13 @@ def tables(results: dict, rules: list[str], profile: dict[str, list[dict]]) -> s
         )
         + " |"
     ]
-    lines += ["", f"### Per image, stop `{rules[0]}`", ""]
+    lines += ["", f"### Per image, stop `{rule}`", ""]
     lines += [
         "| image | smooth | oracle λ → PSNR | fixed 1.4 | MC-SURE λ → PSNR (stop it.) "
         "| σ̂ λ | hold-out 3 folds λ | Gaussian drop at SURE λ | DIP drop |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in main_rule["per_image"]:
+    for row in entry["per_image"]:
         picks, psnr = row["picks"], row["psnr"]
         sure_index = [round(v, 3) for v in results["grid"]].index(picks["sure"])
         stop = row["stops"][sure_index]
@@ -470,6 +480,14 @@ def tables(results: dict, rules: list[str], profile: dict[str, list[dict]]) -> s
             f"| {picks['sure_sigma_hat']:g} | {held} | {row['drop']['sure']:.2f} "
             f"| {row['dip_drop']:.2f} |"
         )
+    return [*lines, ""]
+
+
+def tables(results: dict, rules: list[str], profile: dict[str, list[dict]]) -> str:
+    """The README's tables (markdown) for the stopping rules ``rules`` (first: the reference);
+    ``profile`` maps a rule to its stops on the profile's own Gaussian fits (profile_images.py)."""
+    main_rule = results["rules"][rules[0]]
+    lines = rule_tables(results, rules[0]) + rule_tables(results, SURE_RULE)
     lines += ["", "### Stopping rules, at the MC-SURE λ and over every fit", ""]
     lines += [
         "| rule | at the SURE λ: fired / fired within 1 dB / mean gap (dB) "
