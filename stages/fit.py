@@ -10,7 +10,7 @@ import click
 from pipeline.degradations import Denoising
 from pipeline.errors import SettingError, located
 from pipeline.fit import FitConfig, resolve_device
-from pipeline.lambda_choice import choose_lambda
+from pipeline.lambda_choice import STOPS, choose_lambda
 from pipeline.model import output_grid
 from pipeline.problem import FitSize, Problem, load_problem
 from pipeline.results import FitResult, check_output_dir, summary_line, write_result
@@ -28,13 +28,17 @@ from stages.progress import progress_callback, run_fit
 
 
 def tuned_fit(
-    problem: Problem, settings: dict[str, Any], config: FitConfig, degradation: dict[str, Any]
+    problem: Problem,
+    settings: dict[str, Any],
+    config: FitConfig,
+    degradation: dict[str, Any],
+    stop: str,
 ) -> tuple[FitResult, dict[str, Any]]:
     """The fit at λ chosen by MC-SURE (:func:`pipeline.lambda_choice.choose_lambda`), and the
     choice as recorded in ``summary.json`` (σ on the 0–255 scale, as ``--sigma``). σ is the one
     given (``--sigma``), the simulation's, or estimated from a photo. The candidates measure
-    every iteration and each ends at its stop by the SURE window rule, whose kept output is
-    ``restored_stop.png``."""
+    every iteration and each ends at its ``stop`` (:data:`pipeline.lambda_choice.STOPS`), whose
+    output is ``restored_stop.png``."""
     given = degradation.get("sigma")
     if given is None and problem.clean is not None:
         given = problem.task.params()["sigma"]
@@ -46,6 +50,7 @@ def tuned_fit(
             settings,
             sigma=None if given is None else given / 255,
             callbacks=[lambda view: bar.update(view.iteration - bar.n)],
+            stop=stop,
         )
     for row in choice.scores():
         stop = row["stop_iteration"]
@@ -91,6 +96,13 @@ def tuned_fit(
     help="Denoising: choose λ for this image without its clean image (MC-SURE of the whole fit "
     "over λ = 0.35 … 2.8), then restore with it.",
 )
+@click.option(
+    "--tune-stop",
+    type=click.Choice(STOPS),
+    help="With --tune, the stop each candidate is scored and ended at: the SURE window rule "
+    "(sure, the default: fired within 1 dB of the peak on 91–93 % of unseen images, README) or "
+    "the ratio rule of the fit settings.",
+)
 def fit_command(
     task: str,
     image: Path,
@@ -101,6 +113,7 @@ def fit_command(
     crop_image: bool,
     halt_at_stop: bool,
     choose_lam: bool,
+    tune_stop: str | None,
     **options: Any,
 ) -> None:
     """Fit the deep image prior to IMAGE for TASK and write the results to OUT_DIR.
@@ -108,10 +121,13 @@ def fit_command(
     IMAGE may have any size of at least 32 px a side (an SR photo: 32/factor): it is padded by
     reflection to the network's sizes and the outputs are cut back to it (--crop: cropped). With
     --tune, λ is chosen for this image by MC-SURE (pipeline/lambda_choice.py) and the fit at the
-    chosen λ, which ends at its stop by the SURE window rule, is the result.
+    chosen λ, which ends at its stop (--tune-stop: the SURE window rule by default), is the
+    result.
     """
     degradation = task_params(task, options)
     given = fit_values(options)
+    if tune_stop is not None and not choose_lam:
+        raise click.UsageError("--tune-stop is the stop of --tune's λ choice: give --tune too")
     if choose_lam:
         if not issubclass(task_class(task), Denoising):
             raise click.UsageError("--tune chooses λ by MC-SURE, for denoising only")
@@ -131,7 +147,9 @@ def fit_command(
         raise located(err, degradation) from err
     extra: dict[str, Any] = {"image": str(image), "task_params": degradation}
     if choose_lam:
-        result, extra["lambda_choice"] = tuned_fit(problem, settings, config, degradation)
+        result, extra["lambda_choice"] = tuned_fit(
+            problem, settings, config, degradation, tune_stop or "sure"
+        )
     else:
         result = run_fit(problem, config)
     summary = write_result(out_dir, problem, result, extra)

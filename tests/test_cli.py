@@ -128,6 +128,7 @@ def test_fit_tune_restores_a_photo_with_the_lambda_mc_sure_chooses(rgb_png: Path
         (["inpainting"], "denoising only"),  # a simulation: refused before any image is read
         (["denoising", "--observed", "--lam", "1"], "leave out --lam"),
         (["denoising", "--observed", "--measure-every", "5"], "--measure-every"),
+        (["denoising", "--observed", "--tune-stop", "es_wmv"], "'es_wmv' is not one of"),
     ],
 )
 def test_fit_tune_refuses_other_tasks_and_a_given_lambda(rgb_png, tmp_path, args, needle):
@@ -153,3 +154,14 @@ def test_the_line_printed_after_a_fit_reads_its_summary():
     )
     photo = {**summary, "stop_iteration": None, "psnr_final": None}
     assert summary_line(photo) == "1500 iterations in 61.2 s, ratio rule did not fire"
+
+
+def test_fit_tune_stop_ratio_scores_the_candidates_at_the_ratio_rule(rgb_png, tmp_path):
+    out = tmp_path / "ratio"
+    argv = ["fit", "denoising", rgb_png, "-o", out, "--observed", "--tune", *TINY]
+    result = invoke(*argv, "--tune-stop", "ratio")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["lambda_choice"]["stop_rule"] == summary["stop_rule"] == "ratio"
+    alone = invoke("fit", "denoising", rgb_png, "-o", tmp_path / "y", "--tune-stop", "ratio")
+    assert alone.exit_code == 2 and "give --tune too" in alone.output

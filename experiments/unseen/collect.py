@@ -72,7 +72,11 @@ def main() -> None:
     parser.add_argument("image")
     parser.add_argument("--part", choices=("grid", "holdout"), required=True)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "curves")
-    parser.add_argument("--iterations", type=int, help="a shorter budget (smoke runs only)")
+    parser.add_argument("--iterations", type=int, help="another budget than the profile's")
+    parser.add_argument("--lr", type=float, help="another learning rate than the profile's")
+    parser.add_argument(
+        "--lams", type=lambda v: tuple(float(x) for x in v.split(",")), help="another λ grid"
+    )
     parser.add_argument(
         "--data-root",
         type=Path,
@@ -102,12 +106,15 @@ def main() -> None:
     }
     if args.iterations:
         base["iterations"] = args.iterations
+    if args.lr:
+        base["lr"] = args.lr
+    grid = args.lams or GRID
     args.out.mkdir(parents=True, exist_ok=True)
     collect = collect_grid if args.part == "grid" else collect_holdout
     start = time.perf_counter()
-    arrays, meta = collect(problem, sigma_255 / 255, base, params)
+    arrays, meta = collect(problem, sigma_255 / 255, base, params, grid)
     suffix = "" if args.part == "grid" else ".holdout"
-    np.savez_compressed(args.out / f"{args.image}{suffix}.npz", lam=np.array(GRID), **arrays)
+    np.savez_compressed(args.out / f"{args.image}{suffix}.npz", lam=np.array(grid), **arrays)
     meta = {
         "image": args.image,
         "file": source.path.name,
@@ -116,7 +123,7 @@ def main() -> None:
         "shape": list(problem.observation.shape),
         "numel": problem.observation.numel(),
         "sigma": sigma_255 / 255,
-        "grid": list(GRID),
+        "grid": list(grid),
         "settings": base,
         **meta,
         "wall_s": round(time.perf_counter() - start, 1),
@@ -130,13 +137,17 @@ def curve_rows(results: list[FitResult], name: str) -> np.ndarray:
 
 
 def collect_grid(
-    problem: Problem, sigma: float, base: dict[str, Any], params: dict[str, Any]
+    problem: Problem,
+    sigma: float,
+    base: dict[str, Any],
+    params: dict[str, Any],
+    grid: tuple[float, ...],
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     y, clean, task = problem.observation, problem.clean, problem.task
     eps = EPS_OVER_SIGMA * sigma
     probe = rademacher(tuple(y.shape))
-    observations = [y] * len(GRID) + [y + eps * probe] * len(GRID)
-    configs = [FitConfig.from_dict({**base, "lam": lam}) for lam in GRID + GRID]
+    observations = [y] * len(grid) + [y + eps * probe] * len(grid)
+    configs = [FitConfig.from_dict({**base, "lam": lam}) for lam in grid + grid]
     projections = ProjectionRecorder(probe, y, torch.ones_like(y), len(configs), base["iterations"])
     results = fit_many(observations, task, configs, [projections], cleans=[clean] * len(configs))
     dip_settings = {
@@ -146,11 +157,11 @@ def collect_grid(
         "measure_every": 1,
     }
     dip = fit(y, task, FitConfig.from_dict(dip_settings), clean=clean)
-    grid = results[: len(GRID)]
-    arrays = {f"grid_{name}": curve_rows(grid, name) for name in CURVES}
-    arrays["grid_projection"] = projections.values[: len(GRID)].numpy()
-    arrays["sure_projection"] = projections.values[len(GRID) :].numpy()
-    arrays["sure_psnr"] = curve_rows(results[len(GRID) :], "psnr")
+    count = len(grid)
+    arrays = {f"grid_{name}": curve_rows(results[:count], name) for name in CURVES}
+    arrays["grid_projection"] = projections.values[:count].numpy()
+    arrays["sure_projection"] = projections.values[count:].numpy()
+    arrays["sure_psnr"] = curve_rows(results[count:], "psnr")
     for name in ("psnr", "loss", "ratio", "wmv", "emv"):
         arrays[f"dip_{name}"] = dip.curves[name].astype(np.float32)
     meta = {
@@ -164,11 +175,15 @@ def collect_grid(
 
 
 def collect_holdout(
-    problem: Problem, sigma: float, base: dict[str, Any], params: dict[str, Any]
+    problem: Problem,
+    sigma: float,
+    base: dict[str, Any],
+    params: dict[str, Any],
+    grid: tuple[float, ...],
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     y, task = problem.observation, problem.task
     folds = [HoldoutDegradation(task, y, HOLDOUT, seed=0, fold=f) for f in range(FOLDS)]
-    members = [(wrapped, lam) for wrapped in folds for lam in GRID]
+    members = [(wrapped, lam) for wrapped in folds for lam in grid]
     holdouts = {m: wrapped for m, (wrapped, _) in enumerate(members)}
     held_out = HeldOutRecorder(holdouts, base["iterations"])
     results = fit_many(
@@ -178,7 +193,7 @@ def collect_holdout(
         [held_out],
         cleans=[problem.clean] * len(members),
     )
-    shape = (FOLDS, len(GRID), base["iterations"])
+    shape = (FOLDS, len(grid), base["iterations"])
     arrays = {
         "holdout_mse": np.stack([held_out.values[m] for m in range(len(members))]).reshape(shape),
         "holdout_ratio": curve_rows(results, "ratio").reshape(shape),
