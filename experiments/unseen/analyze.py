@@ -564,6 +564,49 @@ def check_table(check: dict, title: str) -> list[str]:
     return lines
 
 
+def drop_feasibility(images: list[Image]) -> dict:
+    """Can any λ choice pass the check's drop half? Per image, the λ with the least drop (peak −
+    budget) among those whose budget PSNR is within ``slack`` dB of the best (an oracle), and
+    among those whose window mean of SURE at the budget is within ``tol``·σ² of the least, the
+    one whose SURE rose least from its minimum (no clean image); mean / worst drop and the
+    budget PSNR given up."""
+    out: dict = {"oracle": {}, "sure": {}}
+    for slack in (0.0, 0.25, 0.5, 1.0):
+        drops, costs = [], []
+        for image in images:
+            psnr = image.arrays["grid_psnr"].astype(np.float64)
+            peak, final = psnr.max(axis=1), psnr[:, -1]
+            ok = np.flatnonzero(final >= final.max() - slack)
+            k = ok[np.argmin((peak - final)[ok])]
+            drops.append(peak[k] - final[k])
+            costs.append(final.max() - final[k])
+        out["oracle"][f"slack {slack:g} dB"] = summary_of(drops, costs)
+    for tol in (0.0, 0.02, 0.1):
+        drops, costs = [], []
+        for image in images:
+            curves = [image.grid(m) for m in range(len(image.lams))]
+            means = [trailing_means(c["sure"], SURE_WINDOW) for c in curves]
+            last = np.array([m[-1] for m in means])
+            rise = last - np.array([np.nanmin(m) for m in means])
+            ok = np.flatnonzero(last <= last.min() + tol * image.meta["sigma"] ** 2)
+            k = ok[np.argmin(rise[ok])]
+            psnr = image.arrays["grid_psnr"].astype(np.float64)
+            peak, final = psnr.max(axis=1), psnr[:, -1]
+            drops.append(peak[k] - final[k])
+            costs.append(final.max() - final[k])
+        out["sure"][f"tol {tol:g} sigma^2"] = summary_of(drops, costs)
+    return out
+
+
+def summary_of(drops: list[float], costs: list[float]) -> dict:
+    return {
+        "mean_drop": float(np.mean(drops)),
+        "worst_drop": float(np.max(drops)),
+        "mean_final_psnr_given_up": float(np.mean(costs)),
+        "worst_final_psnr_given_up": float(np.max(costs)),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--curves", default="curves", help="folder of collect.py's curves")
@@ -592,6 +635,7 @@ def main() -> None:
             "holdout_noise": holdout_noise(rows),
         }
     results["grid"] = images[0].lams.tolist()
+    results["drop_feasibility"] = drop_feasibility(images)
     own = HERE / "profile_images.json"
     profile = (
         {
