@@ -5,7 +5,7 @@ and λ, where the rule keeps its output and how far below the fit's peak that is
 fixed (w = 50) and with its window scaled by the learning rate (w = 50 · 0.004 / lr = 200); then
 MC-SURE's λ choice under each. Writes ``lr_check.json``.
 
-    python experiments/unseen/lr_check.py
+    python -m experiments.unseen.lr_check
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ or ``profile_runs/``: the Gaussian method's two fits made by ``sdip prepare deno
 ``sdip optimize denoising IMAGE gaussian --variant 25`` with this branch's params.yaml, i.e. with
 item 4's blur) and writes ``profile_images.json``.
 
-    python experiments/unseen/profile_images.py [RUNS]      # default: profile_runs/
+    python -m experiments.unseen.profile_images [RUNS]      # default: profile_runs/
 """
 
 from __future__ import annotations
