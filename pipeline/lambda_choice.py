@@ -17,6 +17,11 @@ is the output after t iterations of fitting y. Its divergence comes from a secon
 fit's response: ``bᵀ(f(y + εb) − f(y))`` has a floor of ≈ 3·10⁻⁴·N whatever ε; ε = σ/2 keeps that
 floor below the response (``experiments/unseen/README.md``, section 1). ``b`` is Rademacher
 (±1): the lowest-variance probe for the trace (Hutchinson).
+
+With the twin running anyway, SURE is known at every iteration, so it also gives each candidate
+its stop: :func:`pipeline.stopping.sure_window_rule` (``stop="sure"``, what ``sdip fit --tune``
+uses) keeps the output where the estimated MSE stopped falling; ``stop="ratio"`` scores each
+candidate at the fit settings' ratio rule instead.
 """
 
 from __future__ import annotations
