@@ -80,8 +80,13 @@ def main() -> None:
     parser.add_argument(
         "--data-root",
         type=Path,
-        help="take IMAGE from the paper's denoising set under this folder (the manifest's "
-        "'paper' part), not from the bundled images",
+        help="take IMAGE from the paper's data sets under this folder (the manifest's 'paper' "
+        "part), not from the bundled images",
+    )
+    parser.add_argument(
+        "--set",
+        default="denoising",
+        help="with --data-root, the manifest's folder IMAGE is in (e.g. deblocking/LIVE1)",
     )
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -89,7 +94,7 @@ def main() -> None:
     data, observe = params["data"], params["tasks"]["denoising"]["observe"]
     if args.data_root is not None:
         data = {**data, "source": "folder", "root": str(args.data_root)}
-    (source,) = resolve_images(data, "denoising", [args.image])
+    (source,) = resolve_images(data, args.set, [args.image])
     sigma_255 = observe["sigmas"][0]
     problem = simulate(
         "denoising",
