@@ -325,11 +325,16 @@ def choose_lambda(
     base = {**settings, "measure_every": 1, "log_every": 1, "halt_at_stop": False}
     configs = [FitConfig.from_dict({**base, "lam": float(lam)}) for lam in (*candidates,) * 2]
     recorder = ProjectionRecorder(probe, y, scored, 2 * count, configs[0].iterations)
-    sure_rule = _SureWindow(recorder, count, sigma, eps, halt_at_stop, window, delta)
-    if stop == "sure":
-        ending: list[Callback] = [sure_rule]
-    else:
-        ending = [_EndWithPartner(count)] if halt_at_stop else []
+    sure_rule = (
+        _SureWindow(recorder, count, sigma, eps, halt_at_stop, window, delta)
+        if stop == "sure"
+        else None
+    )
+    ending: list[Callback] = []
+    if sure_rule is not None:
+        ending = [sure_rule]
+    elif halt_at_stop:
+        ending = [_EndWithPartner(count)]
     results = fit_many(
         [y] * count + [y + eps * probe.to(y.dtype)] * count,
         problem.task,
@@ -338,10 +343,11 @@ def choose_lambda(
         cleans=None if problem.clean is None else [problem.clean] * (2 * count),
         region=problem.region,
     )
-    if stop == "sure":
-        sure = sure_rule.apply(results, problem.task, y)
-    else:
-        sure = _ratio_scores(recorder, results[:count], sigma, eps)
+    sure = (
+        sure_rule.apply(results, problem.task, y)
+        if sure_rule is not None
+        else _ratio_scores(recorder, results[:count], sigma, eps)
+    )
     chosen = int(np.nanargmin(sure))
     return LambdaChoice(
         lam=float(candidates[chosen]),
