@@ -100,7 +100,7 @@ def tuned_fit(
     "--tune-stop",
     type=click.Choice(STOPS),
     help="With --tune, the stop each candidate is scored and ended at: the SURE window rule "
-    "(sure, the default: fired within 1 dB of the peak on 91–93 % of unseen 64×64 images at "
+    "(sure, the default: fired within 1 dB of the peak on 83–93 % of unseen 64×64 images at "
     "lr 0.004; README) or the ratio rule of the fit settings.",
 )
 def fit_command(
