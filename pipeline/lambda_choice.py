@@ -254,12 +254,11 @@ class _SureWindow:
         scores = []
         for k in range(self.count):
             stop, result = self.fired[k], results[k]
-            sure = np.array(self.sure[k])
             if stop is None:
                 results[k] = replace(
                     result, at_stop=result.final, stop_iteration=None, stop_rule="sure"
                 )
-                scores.append(float(sure[-self.window :].mean()))
+                scores.append(float(np.mean(self.sure[k][-self.window :])))
                 continue
             kept = self.kept[k]
             assert kept is not None  # the rule fires only after a window mean was seen
@@ -269,7 +268,7 @@ class _SureWindow:
                 stop_iteration=stop.best,
                 stop_rule="sure",
             )
-            scores.append(float(trailing_means(sure, self.window)[stop.best]))
+            scores.append(float(self.least[k]))  # the window mean at stop.best
         return scores
 
 
