@@ -27,6 +27,7 @@ candidate at the fit settings' ratio rule instead.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -42,8 +43,12 @@ from pipeline.problem import Problem
 from pipeline.results import FitResult
 from pipeline.stopping import (
     SURE_DELTA,
+    SURE_KEEP,
+    SURE_THRESHOLD,
     SURE_WINDOW,
     SureStop,
+    check_sure_window,
+    sure_keep_lag,
     sure_window_rule,
     trailing_means,
 )
@@ -199,9 +204,11 @@ class _SureWindow:
 
     Candidate k (member k) is seen before its twin (member K + k) at each sync, so at the twin's
     turn both projections of iteration t are recorded: SURE(t) of the pair is computed (one
-    host read of three values), the candidate's output of t is kept while its window mean is the
-    least so far, and once the rule fires the twin ends at once and the candidate at its next
-    sync (``end``; otherwise both run the budget and only the stop is recorded).
+    host read of three values). The candidate's last outputs are held back as far as the rule's
+    kept output lags its window (:func:`~pipeline.stopping.sure_keep_lag`: none, or half a
+    window), and the lagged one is kept while the window mean is the least so far. Once the
+    rule fires the twin ends at once and the candidate at its next sync (``end``; otherwise both
+    run the budget and only the stop is recorded).
     """
 
     def __init__(
@@ -211,15 +218,16 @@ class _SureWindow:
         sigma: float,
         eps: float,
         end: bool,
-        window: int,
-        delta: float,
+        rule: dict[str, Any],
     ) -> None:
         self.recorder, self.count, self.end = recorder, candidates, end
-        self.sigma, self.eps, self.window, self.delta = sigma, eps, window, delta
+        self.sigma, self.eps, self.rule = sigma, eps, rule
+        self.window = rule["window"]
         self.numel = int(recorder.scored.sum())
         self.sure: list[list[float]] = [[] for _ in range(candidates)]
         self.least = [math.inf] * candidates
-        self.output: list[Tensor | None] = [None] * candidates
+        lag = sure_keep_lag(rule["window"], rule["keep"])
+        self.outputs: list[deque[Tensor]] = [deque(maxlen=lag + 1) for _ in range(candidates)]
         self.kept: list[Tensor | None] = [None] * candidates
         self.fired: list[SureStop | None] = [None] * candidates
 
@@ -228,7 +236,7 @@ class _SureWindow:
         if self.fired[k] is not None:
             return self.end
         if view.member < self.count:
-            self.output[k] = view.last_out.clone()
+            self.outputs[k].append(view.last_out.clone())
             return False
         t = view.iteration - 1
         rec = self.recorder
@@ -243,8 +251,9 @@ class _SureWindow:
         history = np.array(sure)
         mean = trailing_means(history, self.window)[-1]
         if mean < self.least[k]:
-            self.least[k], self.kept[k] = mean, self.output[k]
-        self.fired[k] = sure_window_rule(history, self.sigma**2, self.window, self.delta)
+            # A window mean exists from t = w − 1 on, when at least lag + 1 outputs are held.
+            self.least[k], self.kept[k] = mean, self.outputs[k][0]
+        self.fired[k] = sure_window_rule(history, self.sigma**2, **self.rule)
         return self.end and self.fired[k] is not None
 
     def apply(self, results: list[FitResult], task: Denoising, y: Tensor) -> list[float]:
@@ -265,7 +274,7 @@ class _SureWindow:
             results[k] = replace(
                 result,
                 at_stop=task.restore(kept, y).clamp(0, 1).cpu(),
-                stop_iteration=stop.best,
+                stop_iteration=stop.kept,
                 stop_rule="sure",
             )
             scores.append(float(self.least[k]))  # the window mean at stop.best
@@ -283,6 +292,8 @@ def choose_lambda(
     stop: str = "sure",
     window: int = SURE_WINDOW,
     delta: float = SURE_DELTA,
+    threshold: str = SURE_THRESHOLD,
+    keep: str = SURE_KEEP,
 ) -> LambdaChoice:
     """Choose λ for a denoising ``problem`` by MC-SURE at each candidate's stop (module
     docstring): argmin over ``candidates`` of the SURE of the output each keeps at its stop.
@@ -291,8 +302,8 @@ def choose_lambda(
     rule (:func:`pipeline.stopping.sure_window_rule`, scored by its window mean of SURE where
     it keeps its output), or ``"ratio"``, ``settings``' ratio rule (scored by SURE at the
     stop); where the rule does not fire, the budget's last output is scored. The chosen fit's
-    result carries that stop (``at_stop``, ``stop_iteration``, ``stop_rule``). ``window`` and
-    ``delta`` are the SURE window rule's w and δ.
+    result carries that stop (``at_stop``, ``stop_iteration``, ``stop_rule``). ``window``,
+    ``delta``, ``threshold`` and ``keep`` are the SURE window rule's settings (its defaults).
 
     One batched pass of 2K members: the K candidates on y and their twins on y + εb, ε =
     :data:`EPS_OVER_SIGMA`·σ. ``settings`` are the flat fit settings of the tuned fit (e.g. the
@@ -312,6 +323,8 @@ def choose_lambda(
         raise UserError(f"λ candidates must be positive numbers, got {list(candidates)}")
     if stop not in STOPS:
         raise UserError(f"the λ choice's stop must be one of {', '.join(STOPS)}, got {stop!r}")
+    rule = {"window": window, "delta": delta, "threshold": threshold, "keep": keep}
+    check_sure_window(**rule)
     y = problem.observation
     # A padded photo is scored on the photo: its padding mirrors it, so its noise is not new.
     scored = problem.observed_mask().expand_as(y)
@@ -325,9 +338,7 @@ def choose_lambda(
     configs = [FitConfig.from_dict({**base, "lam": float(lam)}) for lam in (*candidates,) * 2]
     recorder = ProjectionRecorder(probe, y, scored, 2 * count, configs[0].iterations)
     sure_rule = (
-        _SureWindow(recorder, count, sigma, eps, halt_at_stop, window, delta)
-        if stop == "sure"
-        else None
+        _SureWindow(recorder, count, sigma, eps, halt_at_stop, rule) if stop == "sure" else None
     )
     ending: list[Callback] = []
     if sure_rule is not None:

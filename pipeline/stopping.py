@@ -39,8 +39,13 @@ VARIANCE_PATIENCE = 1000
 
 SURE_WINDOW = 50
 SURE_DELTA = 0.01
-"""The SURE window rule's window w and threshold δ (fixed on experiments/unseen's validation
-curves before its test group was scored: experiments/unseen/preregistered.md)."""
+SURE_THRESHOLD = "noise"
+SURE_KEEP = "last"
+"""The SURE window rule's window w, threshold δ, what δ is a fraction of and which output of
+the least window it keeps (fixed before the test groups of experiments/unseen were scored:
+experiments/unseen/preregistered.md)."""
+SURE_THRESHOLDS = ("level", "noise")
+SURE_KEEPS = ("centre", "last")
 
 SECTION_RULES = {"ratio": "ratio", "es_wmv": "wmv", "es_emv": "emv"}
 """Rule names of params.yaml's ``stopping`` section → prefix of their settings here."""
@@ -189,38 +194,68 @@ def trailing_means(values: np.ndarray, window: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class SureStop:
-    """Where :func:`sure_window_rule` fired (``fired``) and the output it keeps (``best``:
-    the last iteration of the window of least mean SURE up to ``fired``), as curve indices."""
+    """Where :func:`sure_window_rule` fired (``fired``), the last iteration of the window of
+    least mean SURE up to there (``best``: the candidate's score is that mean) and the output it
+    keeps (``kept``: ``best`` or the window's centre), as curve indices."""
 
     fired: int
     best: int
+    kept: int
 
 
 def sure_window_rule(
-    sure: np.ndarray, noise_var: float, window: int = SURE_WINDOW, delta: float = SURE_DELTA
+    sure: np.ndarray,
+    noise_var: float,
+    window: int = SURE_WINDOW,
+    delta: float = SURE_DELTA,
+    threshold: str = SURE_THRESHOLD,
+    keep: str = SURE_KEEP,
 ) -> SureStop | None:
     """The SURE window rule: stop once the estimated MSE has stopped falling.
 
     With ``S[t]`` the mean of the SURE curve over the last ``w = window`` values
     (:func:`trailing_means`), the rule fires at the first ``t ≥ 2w − 1`` where
-    ``S[t − w] − S[t] < δ·σ²`` (``noise_var`` = σ²): over the last w iterations the estimate fell
-    by less than the fraction δ of the noise variance, or rose. It keeps the output at
-    ``argmin S[0 … t]`` (first on ties), the analogue of ES-WMV keeping its variance minimum.
-    SURE of one probe is noisy from iteration to iteration (:mod:`pipeline.lambda_choice`), hence
-    the window means; σ² sets the scale, so the rule reads the same on any image's intensity
-    level. ``None`` where it never fires.
+    ``S[t − w] − S[t]`` is below
+
+    - ``δ·|S[t]|`` (``threshold="level"``): over the last w iterations the estimated MSE fell by
+      less than the fraction δ of itself (for S > 0, the estimated PSNR rose by less than
+      10·log10(1/(1 − δ)) dB), or rose. The bound follows the fit's own error, so a fit that
+      still improves slowly at a high error runs on;
+    - ``δ·σ²`` (``threshold="noise"``, ``noise_var`` = σ²): it fell by less than the fraction δ
+      of the noise variance.
+
+    Both read the same on any intensity level (SURE and σ² scale together). The output kept is
+    the iterate at ``b = argmin S[0 … t]`` (first on ties; ``keep="last"``) or at the centre of
+    that window, ``b − ⌊(w − 1)/2⌋`` (``keep="centre"``): a trailing mean lags a sharp minimum
+    by half a window. SURE of one probe is noisy from iteration to iteration
+    (:mod:`pipeline.lambda_choice`), hence the window means. ``None`` where it never fires.
     """
-    check_int("window", window, 1)
-    check_number("delta", delta, above=0)
+    check_sure_window(window, delta, threshold, keep)
     check_number("noise_var", noise_var, above=0)
     means = trailing_means(sure, window)
     t = np.arange(2 * window - 1, len(means))
     fell = means[t - window] - means[t]
-    fired = np.flatnonzero(fell < delta * noise_var)
+    bound = delta * (np.abs(means[t]) if threshold == "level" else noise_var)
+    fired = np.flatnonzero(fell < bound)
     if not fired.size:
         return None
     at = int(t[fired[0]])
-    return SureStop(fired=at, best=int(np.nanargmin(means[: at + 1])))
+    best = int(np.nanargmin(means[: at + 1]))
+    return SureStop(fired=at, best=best, kept=best - sure_keep_lag(window, keep))
+
+
+def check_sure_window(window: int, delta: float, threshold: str, keep: str) -> None:
+    """A :class:`~pipeline.errors.SettingError` naming the first bad setting of
+    :func:`sure_window_rule`."""
+    check_int("window", window, 1)
+    check_number("delta", delta, above=0)
+    check_choice("threshold", threshold, SURE_THRESHOLDS)
+    check_choice("keep", keep, SURE_KEEPS)
+
+
+def sure_keep_lag(window: int, keep: str) -> int:
+    """How many iterations before the least window's last one its kept output lies."""
+    return (window - 1) // 2 if keep == "centre" else 0
 
 
 class OnlineRatioRule:

@@ -177,20 +177,24 @@ def test_choose_lambda_estimates_sigma_and_refuses_other_tasks(tiny):
         choose_lambda(problem, settings, stop="es_wmv")
 
 
-def test_choose_lambda_at_the_sure_window_rule_against_numpy(tiny):
+@pytest.mark.parametrize(
+    ("delta", "threshold", "output"), [(0.3, "noise", "last"), (0.2, "level", "centre")]
+)
+def test_choose_lambda_at_the_sure_window_rule_against_numpy(tiny, delta, threshold, output):
     """Every candidate's SURE curve recomputed in NumPy from the outputs of the candidate and its
     twin; the literal rule on it gives each stop, the kept output and the score (its window
     mean); halting at the stop changes none of them and ends each pair just after it fires."""
     problem, settings = tiny
     settings.update(iterations=40, lr=0.05)
-    candidates, window, delta = (0.5, 1.4), 5, 0.3
+    candidates, window = (0.5, 1.4), 5
+    rule = {"window": window, "delta": delta, "threshold": threshold, "keep": output}
     outputs: dict[tuple[int, int], np.ndarray] = {}
 
     def keep(view: MemberView) -> None:
         outputs[view.member, view.iteration - 1] = view.last_out.double().numpy().copy()
 
     args = (problem, settings, candidates, SIGMA)
-    full = choose_lambda(*args, False, callbacks=[keep], window=window, delta=delta)
+    full = choose_lambda(*args, False, callbacks=[keep], **rule)
     y = problem.observation.double().numpy()
     b = rademacher(tuple(problem.observation.shape)).double().numpy()
     eps = EPS_OVER_SIGMA * SIGMA
@@ -202,17 +206,18 @@ def test_choose_lambda_at_the_sure_window_rule_against_numpy(tiny):
             + 2 * SIGMA**2 * np.sum(b * (outputs[2 + k, t] - outputs[k, t])) / eps / y.size
             for t in range(40)
         ]
-        stop = sure_window_loop(sure, SIGMA**2, window, delta)
+        stop = sure_window_loop(sure, SIGMA**2, window, delta, threshold, output)
         assert stop is not None and stop.fired < 39
         fired.append(stop.fired)
         scores.append(np.mean(sure[stop.best - window + 1 : stop.best + 1]))
         result = full.results[k]
-        assert full.stops[k] == result.stop_iteration == stop.best
+        assert stop.kept == stop.best - (2 if output == "centre" else 0)
+        assert full.stops[k] == result.stop_iteration == stop.kept
         assert result.stop_rule == "sure" and result.iterations_run == 40
-        np.testing.assert_allclose(result.at_stop.double().numpy(), outputs[k, stop.best])
+        np.testing.assert_allclose(result.at_stop.double().numpy(), outputs[k, stop.kept])
     np.testing.assert_allclose(full.sure, scores, rtol=1e-9)
     assert full.chosen == int(np.argmin(scores)) and full.stop == "sure"
-    halted = choose_lambda(*args, callbacks=[keep], window=window, delta=delta)
+    halted = choose_lambda(*args, callbacks=[keep], **rule)
     assert halted.sure == full.sure and halted.stops == full.stops
     assert list(halted.ended) == [f + 2 for f in fired]  # the candidate ends at its next sync
     for k in range(2):

@@ -10,6 +10,8 @@ import torch
 from pipeline.errors import UserError
 from pipeline.stopping import (
     RATIO_SCALES,
+    SURE_KEEPS,
+    SURE_THRESHOLDS,
     OnlineRatioRule,
     StoppingConfig,
     SureStop,
@@ -174,14 +176,25 @@ def test_bad_settings_are_user_errors(kwargs):
         ratio_rule(np.zeros(10), **{"window": 5, "eps": 0.01, **kwargs})
 
 
-def sure_window_loop(sure: list[float], noise_var: float, w: int, delta: float) -> SureStop | None:
+def sure_window_loop(
+    sure: list[float],
+    noise_var: float,
+    w: int,
+    delta: float,
+    threshold: str = "noise",
+    keep: str = "last",
+) -> SureStop | None:
     """Literal transcription of the SURE window rule: S[t] = mean(sure[t-w+1 .. t]); fire at the
-    first t >= 2w-1 with S[t-w] - S[t] < delta * noise_var; keep the first argmin of S[0 .. t]."""
+    first t >= 2w-1 with S[t-w] - S[t] < delta * noise_var ("noise") or < delta * |S[t]|
+    ("level"); best = the first argmin of S[0 .. t]; keep best, or best - (w-1)//2 ("centre")."""
     means = {t: sum(sure[t - w + 1 : t + 1]) / w for t in range(w - 1, len(sure))}
     for t in range(2 * w - 1, len(sure)):
-        if means[t - w] - means[t] < delta * noise_var:
+        bound = delta * (noise_var if threshold == "noise" else abs(means[t]))
+        if means[t - w] - means[t] < bound:
             best = min(range(w - 1, t + 1), key=lambda i: (means[i], i))
-            return SureStop(fired=t, best=best)
+            return SureStop(
+                fired=t, best=best, kept=best - (w - 1) // 2 if keep == "centre" else best
+            )
     return None
 
 
@@ -196,10 +209,21 @@ def test_sure_window_rule_hand_computed():
     # w = 2: S = [-, 4.5, 3.5, 2.75, 2.475, 2.525, 2.6]; S[t-2] - S[t] = 1.75, 1.025, 0.225 at
     # t = 3, 4, 5 (>= 0.1), then 2.475 - 2.6 = -0.125 < 0.1 at t = 6; least S up to 6: t = 4.
     sure = np.array([5.0, 4.0, 3.0, 2.5, 2.45, 2.6, 2.6])
-    assert sure_window_rule(sure, 1.0, window=2, delta=0.1) == SureStop(fired=6, best=4)
-    assert sure_window_rule(sure[:6], 1.0, window=2, delta=0.1) is None
+    noise = {"threshold": "noise", "keep": "last"}
+    assert sure_window_rule(sure, 1.0, 2, 0.1, **noise) == SureStop(fired=6, best=4, kept=4)
+    assert sure_window_rule(sure[:6], 1.0, 2, 0.1, **noise) is None
     # δ·σ² sets the threshold: δ = 0.3 fires at t = 5 (0.225 < 0.3), keeping t = 4.
-    assert sure_window_rule(sure, 1.0, window=2, delta=0.3) == SureStop(fired=5, best=4)
+    assert sure_window_rule(sure, 1.0, 2, 0.3, **noise) == SureStop(fired=5, best=4, kept=4)
+    # δ·|S[t]|: δ = 0.1 gives 0.35, 0.2475, 0.2525 at t = 3, 4, 5: 1.75 and 1.025 pass, 0.225 <
+    # 0.2525 fires at t = 5; w = 3 keeps the window's centre, one before its last iterate.
+    level = sure_window_rule(sure, 1.0, 2, 0.1, threshold="level", keep="last")
+    assert level == SureStop(fired=5, best=4, kept=4)
+    # w = 3: S = [-, -, 4, 3.1667, 2.65, 2.5167, 2.55]; S[2] - S[5] = 1.4833 >= 0.2517 at t = 5,
+    # S[3] - S[6] = 0.6167 >= 0.255 at t = 6: never fires; δ = 0.5 fires at t = 6 (0.6167 <
+    # 1.275) with the least window ending at 5, kept at its centre 4.
+    assert sure_window_rule(sure, 1.0, 3, 0.1, threshold="level", keep="centre") is None
+    centre = sure_window_rule(sure, 1.0, 3, 0.5, threshold="level", keep="centre")
+    assert centre == SureStop(fired=6, best=5, kept=4)
 
 
 def test_sure_window_rule_equals_literal_transcription():
@@ -211,23 +235,50 @@ def test_sure_window_rule_equals_literal_transcription():
             np.exp(-t / rng.uniform(5, 80)) + rng.uniform(0, 2e-3) * t + rng.normal(0, 0.01, length)
         )
         noise_var, delta = rng.uniform(0.01, 1), rng.uniform(0.001, 0.1)
-        expected = sure_window_loop(sure.tolist(), noise_var, w, delta)
-        assert sure_window_rule(sure, noise_var, w, delta) == expected, trial
+        form = {"threshold": SURE_THRESHOLDS[trial % 2], "keep": SURE_KEEPS[trial // 2 % 2]}
+        expected = sure_window_loop(sure.tolist(), noise_var, w, delta, **form)
+        assert sure_window_rule(sure, noise_var, w, delta, **form) == expected, trial
 
 
 def test_sure_window_rule_reads_sure_in_units_of_the_noise_variance():
     t = np.arange(1000)
     sure = 0.02 * np.exp(-t / 60) + 0.004 + 1e-6 * t  # least at t = 349, rising after
-    stop = sure_window_rule(sure, 0.01)
-    assert stop == SureStop(fired=336, best=336) == sure_window_rule(7 * sure, 0.07)
+    noise = {"window": 50, "threshold": "noise", "keep": "last"}
+    stop = sure_window_rule(sure, 0.01, **noise)
+    assert stop == SureStop(fired=336, best=336, kept=336)
+    assert stop == sure_window_rule(7 * sure, 0.07, **noise)
     # At any δ > 0 it fires once S has risen over a window: the least window is the one
-    # centred on t = 349 (it ends 24 or 25 later), and the fire comes after it.
-    rising = sure_window_rule(sure, 0.01, delta=1e-9)
+    # centred on t = 349 (it ends 24 or 25 later), and the fire comes after it; its centre is
+    # kept with keep="centre".
+    rising = sure_window_rule(sure, 0.01, delta=1e-9, **noise)
     assert rising is not None and rising.best in (373, 374, 375) and rising.fired > rising.best
+    centred = sure_window_rule(sure, 0.01, delta=1e-9, **{**noise, "keep": "centre"})
+    assert centred is not None and centred.kept == rising.best - 24 and abs(centred.kept - 349) <= 2
+
+
+def test_sure_window_rule_level_threshold_follows_the_error_not_sigma():
+    # S = exp(-t/1000) falls by e^0.02 - 1 = 2.02 % of itself per window of 20: above δ = 1 %,
+    # so the level rule runs to the end, while δσ² = 0.03 (σ² = 1, S ≤ 1) fires at once.
+    sure = np.exp(-np.arange(400) / 1000)
+    assert sure_window_rule(sure, 1.0, 20, 0.01, threshold="level", keep="last") is None
+    noise = sure_window_rule(sure, 1.0, 20, 0.03, threshold="noise", keep="last")
+    assert noise == SureStop(fired=39, best=39, kept=39)
+    # At a 10× lower error level it behaves the same (scale-free), whatever σ² says.
+    level = {"window": 20, "delta": 0.03, "threshold": "level", "keep": "centre"}
+    assert sure_window_rule(sure, 1.0, **level) == sure_window_rule(sure / 10, 5.0, **level)
+    assert sure_window_rule(sure, 1.0, **level) == SureStop(fired=39, best=39, kept=30)
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"window": 0}, {"delta": 0.0}, {"noise_var": 0.0}, {"window": 2.5}]
+    "kwargs",
+    [
+        {"window": 0},
+        {"delta": 0.0},
+        {"noise_var": 0.0},
+        {"window": 2.5},
+        {"threshold": "sigma"},
+        {"keep": "first"},
+    ],
 )
 def test_bad_sure_window_settings_are_user_errors(kwargs):
     with pytest.raises(UserError):

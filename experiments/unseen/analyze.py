@@ -18,14 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from pipeline.lambda_choice import mc_sure
 from pipeline.settings import load_yaml
 from pipeline.stopping import (
-    SURE_DELTA,
-    SURE_WINDOW,
     es_emv,
     es_wmv,
     patience_stop,
@@ -45,6 +44,8 @@ GOOD_GAP_DB = 1.0
 MAX_DROP_DB = 0.3
 """The CPU profile's bound on the controlled method's drop (aggregate.phenomena)."""
 TARGET_SHARE = 0.9
+FEASIBILITY_WINDOW = 50
+"""drop_feasibility's window for the mean of SURE at the budget."""
 
 
 def sure_at(curves: dict[str, np.ndarray], index: int) -> float:
@@ -90,26 +91,36 @@ def sure_smoothed(curves: dict[str, np.ndarray], window: int, patience: int) -> 
     return patience_stop(mean, patience)
 
 
-def sure_window_kept(curves: dict[str, np.ndarray], window: int, delta: float) -> int | None:
-    stop = sure_window_rule(curves["sure"], float(curves["noise_var"]), window, delta)
-    return None if stop is None else stop.best
+def sure_window_kept(curves: dict[str, np.ndarray], **rule: Any) -> int | None:
+    stop = sure_window_rule(curves["sure"], float(curves["noise_var"]), **rule)
+    return None if stop is None else stop.kept
 
 
-def sure_window_score(curves: dict[str, np.ndarray], index: int, window: int) -> float:
-    """The window mean of SURE at ``index`` (the budget's: the mean of the last ``window``)."""
-    return float(trailing_means(curves["sure"], window)[index])
+def sure_window_score(curves: dict[str, np.ndarray], index: int, **rule: Any) -> float:
+    """The least window mean of SURE up to the rule's stop (where it does not fire, the mean of
+    the last w values, at the budget's ``index``), as choose_lambda scores a candidate."""
+    stop = sure_window_rule(curves["sure"], float(curves["noise_var"]), **rule)
+    means = trailing_means(curves["sure"], rule["window"])
+    return float(means[index] if stop is None else means[stop.best])
 
 
-def sure_window(window: int = SURE_WINDOW, delta: float = SURE_DELTA) -> Rule:
+def sure_window(window: int, delta: float, threshold: str = "noise", keep: str = "last") -> Rule:
     """The SURE window rule (pipeline.stopping.sure_window_rule) as choose_lambda runs it."""
+    form = "" if (threshold, keep) == ("noise", "last") else f"{threshold} {keep} "
+    rule = {"window": window, "delta": delta, "threshold": threshold, "keep": keep}
     return Rule(
-        f"sure window w={window} delta={delta:g}",
-        partial(sure_window_kept, window=window, delta=delta),
-        partial(sure_window_score, window=window),
+        f"sure window {form}w={window} delta={delta:g}",
+        partial(sure_window_kept, **rule),
+        partial(sure_window_score, **rule),
     )
 
 
-SURE_RULE = sure_window().name
+NOISE_RULE = sure_window(50, 0.01).name
+"""The SURE window rule preregistered before the first test group (δσ², the least window's
+last iterate)."""
+LEVEL_RULE = sure_window(25, 0.01, "level", "centre").name
+"""The relative SURE window rule preregistered before the third test group (δ|S̄|, the least
+window's centre)."""
 
 
 def emv_corrected(curves: dict[str, np.ndarray], patience: int, alpha: float = 0.1) -> int | None:
@@ -141,7 +152,8 @@ REPORT_RULES = [
     "es_emv patience=1000",
     "es_emv patience=200 from 10",
     "sure mean50 patience=100",
-    SURE_RULE,
+    NOISE_RULE,
+    LEVEL_RULE,
 ]
 RULES = [
     ratio(100, 0.01, "absolute"),
@@ -180,6 +192,12 @@ RULES = [
     ],
     Rule("sure argmin", lambda c: int(np.nanargmin(c["sure"]))),
     *[sure_window(w, d) for w in (25, 50, 100) for d in (0.005, 0.01, 0.02, 0.05)],
+    *[
+        sure_window(w, d, "level", keep)
+        for w in (20, 25, 30, 50)
+        for d in (0.005, 0.01, 0.02, 0.03)
+        for keep in ("last", "centre")
+    ],
 ]
 
 
@@ -487,7 +505,8 @@ def tables(results: dict, rules: list[str], profile: dict[str, list[dict]]) -> s
     """The README's tables (markdown) for the stopping rules ``rules`` (first: the reference);
     ``profile`` maps a rule to its stops on the profile's own Gaussian fits (profile_images.py)."""
     main_rule = results["rules"][rules[0]]
-    lines = rule_tables(results, rules[0]) + rule_tables(results, SURE_RULE)
+    lines = rule_tables(results, rules[0])
+    lines += rule_tables(results, NOISE_RULE) + rule_tables(results, LEVEL_RULE)
     lines += ["", "### Stopping rules, at the MC-SURE λ and over every fit", ""]
     lines += [
         "| rule | at the SURE λ: fired / fired within 1 dB / mean gap (dB) "
@@ -511,8 +530,9 @@ def tables(results: dict, rules: list[str], profile: dict[str, list[dict]]) -> s
     lines += ["", f"### The held-out phenomena check (stop `{rules[0]}`)", ""]
     lines += check_table(main_rule["held_out_check"]["sure"], "λ by MC-SURE")
     lines += check_table(main_rule["held_out_check"]["fixed"], "the profile's fixed λ = 1.4")
-    lines += ["", f"### The held-out phenomena check (stop `{SURE_RULE}`)", ""]
-    lines += check_table(results["rules"][SURE_RULE]["held_out_check"]["sure"], "λ by MC-SURE")
+    for name in (NOISE_RULE, LEVEL_RULE):
+        lines += ["", f"### The held-out phenomena check (stop `{name}`)", ""]
+        lines += check_table(results["rules"][name]["held_out_check"]["sure"], "λ by MC-SURE")
     return "\n".join(lines) + "\n"
 
 
@@ -585,7 +605,7 @@ def drop_feasibility(images: list[Image]) -> dict:
         drops, costs = [], []
         for image in images:
             curves = [image.grid(m) for m in range(len(image.lams))]
-            means = [trailing_means(c["sure"], SURE_WINDOW) for c in curves]
+            means = [trailing_means(c["sure"], FEASIBILITY_WINDOW) for c in curves]
             last = np.array([m[-1] for m in means])
             rise = last - np.array([np.nanmin(m) for m in means])
             ok = np.flatnonzero(last <= last.min() + tol * image.meta["sigma"] ** 2)

@@ -2,8 +2,9 @@
 
 Reads ``lr_curves/`` (``run_lr_collect.sh``: lr = 0.001, 6,000 iterations) and prints, per image
 and λ, where the rule keeps its output and how far below the fit's peak that is, for the rule as
-fixed (w = 50) and with its window scaled by the learning rate (w = 50 · 0.004 / lr = 200); then
-MC-SURE's λ choice under each. Writes ``lr_check.json``.
+fixed (w = 50), with its window scaled by the learning rate (w = 50 · 0.004 / lr = 200), and for
+the relative SURE window rule (section 8); then MC-SURE's λ choice under each. Writes
+``lr_check.json``.
 
     python -m experiments.unseen.lr_check
 """
@@ -15,15 +16,24 @@ import json
 import numpy as np
 
 from experiments.unseen.analyze import HERE, load, sure_window
-from pipeline.stopping import SURE_WINDOW
 
 PROFILE_LR = 0.004
+FIXED_WINDOW = 50
 
 
 def main() -> None:
     images = load(HERE / "lr_curves")
     lr = images[0].meta["settings"]["lr"]
-    windows = {"fixed": SURE_WINDOW, "scaled by lr": round(SURE_WINDOW * PROFILE_LR / lr)}
+    windows = {
+        "fixed": FIXED_WINDOW,
+        "scaled by lr": round(FIXED_WINDOW * PROFILE_LR / lr),
+        "relative": 25,
+    }
+    rules = {
+        "fixed": sure_window(windows["fixed"], 0.01),
+        "scaled by lr": sure_window(windows["scaled by lr"], 0.01),
+        "relative": sure_window(windows["relative"], 0.01, "level", "centre"),
+    }
     report: dict = {"lr": lr, "windows": windows, "images": {}}
     for image in images:
         rows = []
@@ -36,8 +46,7 @@ def main() -> None:
                 "peak_at": int(np.nanargmax(psnr)),
             }
             row["final"] = float(psnr[-1])
-            for name, window in windows.items():
-                rule = sure_window(window)
+            for name, rule in rules.items():
                 kept = rule.stop(curves)
                 index = len(psnr) - 1 if kept is None else kept
                 row[name] = {
