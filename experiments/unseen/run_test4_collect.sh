@@ -6,12 +6,13 @@
 cd "$(dirname "$0")/../.." || exit 1
 DATA_ROOT=${DATA_ROOT:-../shared/datasets}
 mkdir -p experiments/unseen/test4_curves experiments/unseen/logs
-for image in barbara bridge coastguard comic face flowers foreman man ppt3 zebra; do
-    echo "sr/CSet14 $image"
-done > /tmp/test4_images.txt
-for image in baby bird; do
-    echo "sr/CSet5 $image"
-done >> /tmp/test4_images.txt
-xargs -P 2 -L 1 sh -c 'nice -n 10 python experiments/unseen/collect.py "$1" --part grid \
+{
+    for image in barbara bridge coastguard comic face flowers foreman man ppt3 zebra; do
+        echo "sr/CSet14 $image"
+    done
+    for image in baby bird; do
+        echo "sr/CSet5 $image"
+    done
+} | xargs -P 2 -L 1 sh -c 'nice -n 10 python experiments/unseen/collect.py "$1" --part grid \
     --data-root "'"$DATA_ROOT"'" --set "$0" --out experiments/unseen/test4_curves \
-    > experiments/unseen/logs/"$1".test4.log 2>&1' < /tmp/test4_images.txt
+    > experiments/unseen/logs/"$1".test4.log 2>&1'
