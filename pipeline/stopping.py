@@ -219,7 +219,7 @@ def sure_window_rule(
 
     - ``δ·|S[t]|`` (``threshold="level"``): over the last w iterations the estimated MSE fell by
       less than the fraction δ of itself (for S > 0, the estimated PSNR rose by less than
-      10·log10(1/(1 − δ)) dB), or rose. The bound follows the fit's own error, so a fit that
+      10·log10(1 + δ) dB), or rose. The bound follows the fit's own error, so a fit that
       still improves slowly at a high error runs on;
     - ``δ·σ²`` (``threshold="noise"``, ``noise_var`` = σ²): it fell by less than the fraction δ
       of the noise variance.
