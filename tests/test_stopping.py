@@ -215,12 +215,13 @@ def test_sure_window_rule_hand_computed():
     # δ·σ² sets the threshold: δ = 0.3 fires at t = 5 (0.225 < 0.3), keeping t = 4.
     assert sure_window_rule(sure, 1.0, 2, 0.3, **noise) == SureStop(fired=5, best=4, kept=4)
     # δ·|S[t]|: δ = 0.1 gives 0.35, 0.2475, 0.2525 at t = 3, 4, 5: 1.75 and 1.025 pass, 0.225 <
-    # 0.2525 fires at t = 5; w = 3 keeps the window's centre, one before its last iterate.
+    # 0.2525 fires at t = 5, keeping t = 4.
     level = sure_window_rule(sure, 1.0, 2, 0.1, threshold="level", keep="last")
     assert level == SureStop(fired=5, best=4, kept=4)
     # w = 3: S = [-, -, 4, 3.1667, 2.65, 2.5167, 2.55]; S[2] - S[5] = 1.4833 >= 0.2517 at t = 5,
     # S[3] - S[6] = 0.6167 >= 0.255 at t = 6: never fires; δ = 0.5 fires at t = 6 (0.6167 <
-    # 1.275) with the least window ending at 5, kept at its centre 4.
+    # 1.275) with the least window ending at 5, kept at its centre 4 (one before its last
+    # iterate: (w − 1) // 2 = 1).
     assert sure_window_rule(sure, 1.0, 3, 0.1, threshold="level", keep="centre") is None
     centre = sure_window_rule(sure, 1.0, 3, 0.5, threshold="level", keep="centre")
     assert centre == SureStop(fired=6, best=5, kept=4)
