@@ -9,7 +9,10 @@ fit seed 0), every fit running its whole budget. Two parts, each one pass of the
 - ``--part grid``: the Gaussian method at each λ of :data:`GRID` on y (oracle PSNR, ratio, loss,
   FBC, …, and ⟨b, x_t⟩), the same λ on y + εb (ε = σ/2, Rademacher probe b, same seed: MC-SURE's
   second fit), then one single fit of the ``dip`` method on y (the baseline's drop). Writes
-  ``curves/<image>.npz`` and ``curves/<image>.json`` (settings, σ estimate, wall time).
+  ``curves/<image>.npz`` and ``curves/<image>.json`` (settings, σ estimate, wall time). With
+  ``--probes P`` (> 1) the same pass also fits each λ on y + εb_p for P − 1 further probes
+  (seeds 1, …, P − 1; ``probe_projection``, ``probe_sure_projection``: (P − 1, λ, iterations)):
+  the first probe's members come first, as without the option.
 - ``--part holdout``: the same λ with fold f ∈ {0, …, FOLDS−1} of a 10 % hold-out (disjoint
   folds of one seeded permutation) left out of the loss; the held-out MSE of every iteration.
   Writes ``curves/<image>.holdout.npz`` and ``.holdout.json``. (A separate part because it costs
@@ -77,6 +80,10 @@ def main() -> None:
     parser.add_argument(
         "--lams", type=lambda v: tuple(float(x) for x in v.split(",")), help="another λ grid"
     )
+    parser.add_argument("--name", help="of the written files and the record (default: IMAGE)")
+    parser.add_argument(
+        "--probes", type=int, default=1, help="probes of the divergence (grid part; default 1)"
+    )
     parser.add_argument(
         "--data-root",
         type=Path,
@@ -115,13 +122,16 @@ def main() -> None:
         base["lr"] = args.lr
     grid = args.lams or GRID
     args.out.mkdir(parents=True, exist_ok=True)
-    collect = collect_grid if args.part == "grid" else collect_holdout
     start = time.perf_counter()
-    arrays, meta = collect(problem, sigma_255 / 255, base, params, grid)
+    if args.part == "grid":
+        arrays, meta = collect_grid(problem, sigma_255 / 255, base, params, grid, args.probes)
+    else:
+        arrays, meta = collect_holdout(problem, sigma_255 / 255, base, params, grid)
     suffix = "" if args.part == "grid" else ".holdout"
-    np.savez_compressed(args.out / f"{args.image}{suffix}.npz", lam=np.array(grid), **arrays)
+    name = args.name or args.image
+    np.savez_compressed(args.out / f"{name}{suffix}.npz", lam=np.array(grid), **arrays)
     meta = {
-        "image": args.image,
+        "image": name,
         "file": source.path.name,
         "sha256": source.sha256,
         "part": args.part,
@@ -133,7 +143,7 @@ def main() -> None:
         **meta,
         "wall_s": round(time.perf_counter() - start, 1),
     }
-    (args.out / f"{args.image}{suffix}.json").write_text(json.dumps(meta, indent=1) + "\n")
+    (args.out / f"{name}{suffix}.json").write_text(json.dumps(meta, indent=1) + "\n")
     print(json.dumps({k: meta[k] for k in ("image", "part", "wall_s")}))
 
 
@@ -147,14 +157,19 @@ def collect_grid(
     base: dict[str, Any],
     params: dict[str, Any],
     grid: tuple[float, ...],
+    probes: int = 1,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     y, clean, task = problem.observation, problem.clean, problem.task
     eps = EPS_OVER_SIGMA * sigma
-    probe = rademacher(tuple(y.shape))
-    observations = [y] * len(grid) + [y + eps * probe] * len(grid)
-    configs = [FitConfig.from_dict({**base, "lam": lam}) for lam in grid + grid]
-    projections = ProjectionRecorder(probe, y, torch.ones_like(y), len(configs), base["iterations"])
-    results = fit_many(observations, task, configs, [projections], cleans=[clean] * len(configs))
+    vectors = [rademacher(tuple(y.shape), seed=p) for p in range(probes)]
+    observations = [y] * len(grid) + [y + eps * b for b in vectors for _ in grid]
+    configs = [FitConfig.from_dict({**base, "lam": lam}) for lam in grid * (probes + 1)]
+    recorders = [
+        ProjectionRecorder(b, y, torch.ones_like(y), len(configs), base["iterations"])
+        for b in vectors
+    ]
+    results = fit_many(observations, task, configs, recorders, cleans=[clean] * len(configs))
+    projections = recorders[0]
     dip_settings = {
         **fit_settings(params, "denoising", "dip"),
         "device": "cpu",
@@ -165,8 +180,13 @@ def collect_grid(
     count = len(grid)
     arrays = {f"grid_{name}": curve_rows(results[:count], name) for name in CURVES}
     arrays["grid_projection"] = projections.values[:count].numpy()
-    arrays["sure_projection"] = projections.values[count:].numpy()
-    arrays["sure_psnr"] = curve_rows(results[count:], "psnr")
+    arrays["sure_projection"] = projections.values[count : 2 * count].numpy()
+    arrays["sure_psnr"] = curve_rows(results[count : 2 * count], "psnr")
+    if probes > 1:
+        arrays["probe_projection"] = np.stack([r.values[:count].numpy() for r in recorders[1:]])
+        arrays["probe_sure_projection"] = np.stack(
+            [r.values[(p + 1) * count : (p + 2) * count].numpy() for p, r in enumerate(recorders)]
+        )[1:]
     for name in ("psnr", "loss", "ratio", "wmv", "emv"):
         arrays[f"dip_{name}"] = dip.curves[name].astype(np.float32)
     meta = {
